@@ -1,0 +1,86 @@
+"""Layers shared by the model zoo, with PyTorch's semantics so converted teachers behave identically."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's conv weight init in the CIFAR zoos (kaiming_normal_, mode='fan_out', nonlinearity='relu').
+conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, use_bias: bool = False,
+            rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit (1, 1) padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch's padding=1.
+    return nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
+                    use_bias=use_bias, kernel_init=conv_init, rngs=rngs)
+
+
+def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, padding="VALID",
+                    use_bias=False, kernel_init=conv_init, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    bound = 1.0 / in_features ** 0.5
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(in_features, out_features, kernel_init=linear_init, bias_init=bias_init, rngs=rngs)
+
+
+def global_avg_pool(x_bhwc: jax.Array) -> jax.Array:
+    return x_bhwc.mean(axis=(1, 2))
+
+
+def max_pool_2x2(x_bhwc: jax.Array) -> jax.Array:
+    return nnx.max_pool(x_bhwc, (2, 2), strides=(2, 2))
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the last axis with PyTorch's semantics.
+
+    Differs from `nnx.BatchNorm` in one place that matters for fidelity: the running variance is updated with the
+    *unbiased* batch variance, as PyTorch does, so a student trained here keeps the same running statistics as one
+    trained upstream. `momentum` is PyTorch's (the weight of the new batch). Every call records its input as an
+    `nnx.Intermediate` named `inputs`; `dfkd_jax.models.Network.apply` collects them for BN-statistics losses.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5, affine: bool = True):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.affine = affine
+        if affine:
+            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        self.sow(nnx.Intermediate, "inputs", x)
+        if train:
+            mean, var = batch_moments(x)
+            count = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * mean
+            self.var[...] = (1 - m) * self.var[...] + m * var * (count / max(count - 1, 1))
+        else:
+            mean, var = self.mean[...], self.var[...]
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            y = y * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance over every axis but the last (channels), in float32."""
+    x = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    return mean, var

@@ -1,0 +1,104 @@
+"""The model zoo: BatchNorm semantics, what one forward pass returns, and input validation."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfkd_jax.convert import TORCH_LEAF
+from dfkd_jax.models import ARCHITECTURES, Network, NetworkSpec
+from dfkd_jax.models.layers import BatchNorm
+
+
+def test_batchnorm_matches_a_float64_hand_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (4, 5, 5, 6)).astype(np.float32)
+    bn = BatchNorm(6, momentum=0.1, epsilon=1e-5)
+    bn.scale[...] = rng.normal(size=6).astype(np.float32)
+    bn.bias[...] = rng.normal(size=6).astype(np.float32)
+    running_mean = rng.normal(size=6).astype(np.float32)
+    running_var = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+    bn.mean[...], bn.var[...] = running_mean, running_var
+
+    x64 = x.astype(np.float64).reshape(-1, 6)
+    mean, biased_var, unbiased_var = x64.mean(0), x64.var(0), x64.var(0, ddof=1)
+    scale, bias = np.asarray(bn.scale[...], np.float64), np.asarray(bn.bias[...], np.float64)
+
+    eval_out, recorded = nnx.capture(bn, nnx.Intermediate)(x, train=False)
+    np.testing.assert_array_equal(recorded["inputs"].get_value()[0], x)  # the layer records its input
+    expected = (x64 - running_mean) / np.sqrt(running_var.astype(np.float64) + 1e-5) * scale + bias
+    np.testing.assert_allclose(np.asarray(eval_out).reshape(-1, 6), expected, rtol=1e-5, atol=1e-5)
+
+    train_out, _ = nnx.capture(bn, nnx.Intermediate)(x, train=True)
+    expected = (x64 - mean) / np.sqrt(biased_var + 1e-5) * scale + bias  # normalises with the biased variance
+    np.testing.assert_allclose(np.asarray(train_out).reshape(-1, 6), expected, rtol=1e-5, atol=1e-5)
+    # ... but tracks the unbiased one, as PyTorch does.
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * running_mean + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 * running_var + 0.1 * unbiased_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "wrn_16_2", "vgg8_bn"])
+def test_apply_returns_logits_features_and_every_bn_input_in_one_pass(arch):
+    network, variables = Network.create(NetworkSpec(arch, 7), seed=0)
+    images = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    output, batch_stats = jax.jit(lambda v, x: network.apply(v, x, train=False))(variables, images)
+
+    num_bn = len(nnx.to_flat_state(variables["batch_stats"])) // 2  # mean and var per layer
+    assert output.logits.shape == (4, 7)
+    assert len(output.bn_inputs) == num_bn
+    stem = output.bn_inputs[0]  # the stem's BN (the first conv's output), first
+    first_conv_width = 16 if arch.startswith(("resnet20", "wrn")) else 64
+    assert stem.inputs.shape == (4, 32, 32, first_conv_width)
+    for bn_input in output.bn_inputs:
+        assert bn_input.running_mean.shape == bn_input.running_var.shape == bn_input.inputs.shape[-1:]
+    # The feature is the classifier's input: applying the classifier to it gives the logits.
+    head = nnx.merge(network.graphdef, variables["params"], variables["batch_stats"])
+    head = getattr(head, ARCHITECTURES[arch].head)
+    np.testing.assert_allclose(np.asarray(head(output.features)), np.asarray(output.logits), rtol=1e-5, atol=1e-5)
+    # Eval mode leaves the running statistics untouched.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, batch_stats, variables["batch_stats"])
+
+
+def test_every_zoo_layout_is_the_published_one(shared):
+    layouts = json.loads((shared / "docs" / "cmi_zoo_layouts.json").read_text())
+    for arch, layout in layouts.items():
+        _, abstract = Network.abstract(NetworkSpec(arch, 10))
+        keys = {}
+        for collection in ("params", "batch_stats"):
+            for path, variable in nnx.to_flat_state(abstract[collection]):
+                shape = variable.get_value().shape
+                torch_shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+                keys[".".join(map(str, path[:-1])) + "." + TORCH_LEAF[path[-1]]] = list(torch_shape)
+        expected = {k: v for k, v in layout.items() if not k.endswith("num_batches_tracked")}
+        assert keys == expected, arch
+
+
+def test_he_resnet_key_counts_match_the_akamaster_checkpoints():
+    # shared/teachers/README.md: 97 / 157 / 217 / 277 tensors for resnet20/32/44/56.
+    for depth, tensors in [(20, 97), (32, 157), (44, 217), (56, 277)]:
+        _, abstract = Network.abstract(NetworkSpec(f"resnet{depth}", 10, {"shortcut": "A"}))
+        count = sum(len(nnx.to_flat_state(abstract[c])) for c in ("params", "batch_stats"))
+        assert count == tensors, depth
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(arch="resnet21", num_classes=10), "unknown architecture 'resnet21'"),
+    (dict(arch="resnet18", num_classes=10, options={"shortcut": "A"}), "takes no option 'shortcut'"),
+    (dict(arch="resnet20", num_classes=10, options={"shortcut": "C"}), "must be one of"),
+    (dict(arch="resnet20", num_classes=0), "num_classes must be positive"),
+    (dict(arch="resnet20", num_classes=10, mean=(0.5, 0.5)), "mean needs 3 values"),
+    (dict(arch="resnet20", num_classes=10, std=(0.2, 0.0, 0.2)), "std values must be positive"),
+])
+def test_bad_network_specs_are_refused_with_the_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NetworkSpec(**kwargs)
+
+
+def test_uint8_images_are_refused_rather_than_misread():
+    network, variables = Network.create(NetworkSpec("resnet20", 10))
+    with pytest.raises(TypeError, match="divide uint8 pixels by 255"):
+        network.apply(variables, np.zeros((1, 32, 32, 3), np.uint8))
