@@ -1,0 +1,1 @@
+"""Data: labelled evaluation sources and tfds builders for local CIFAR files."""
