@@ -1,0 +1,173 @@
+"""The loss terms of every DFKD method, as small pure functions that run inside `jax.jit` on batches sharded over
+the device mesh. Each computes in float32 and follows the upstream PyTorch code it names (CMI/Fast/NAYER `kldiv`,
+DeepInversion's BN hook and image priors, DAFL, DFAD); a method is a config that composes them. Logits are (B, K),
+images NHWC; every function returns a scalar unless its docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dfkd_jax.models import BNInput
+from dfkd_jax.models.layers import batch_moments
+
+BNEma = dict[str, Any]  # {"mean": [(C,) per layer], "var": [(C,) per layer], "valid": () bool}
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _l2_norm(x: jax.Array) -> jax.Array:
+    """‖x‖₂ over all elements, with gradient 0 at x = 0 as PyTorch's `torch.norm` has (jnp.linalg.norm's is NaN,
+    which a constant image would hit in the total-variation prior)."""
+    squared = jnp.sum(jnp.square(x))
+    is_zero = squared == 0
+    return jnp.where(is_zero, 0.0, jnp.sqrt(jnp.where(is_zero, 1.0, squared)))
+
+
+# ------------------------------------------------------------------------------------------ distillation (KL)
+
+def per_sample_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """(B,): Σ_k p_k (log p_k − log q_k), p = softmax(t/τ), q = softmax(s/τ); no τ². Upstream `kldiv(...,
+    reduction='none').sum(1)`."""
+    log_q = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(_f32(teacher_logits) / temperature, axis=-1)
+    p = jnp.exp(log_p)
+    # 0·log 0 = 0 as in F.kl_div's xlogy; the inner where keeps the gradient finite where p underflows to 0
+    # (xlogy's own gradient is NaN there, and teacher logits carry gradient to the generator).
+    return jnp.sum(p * jnp.where(p > 0, log_p - log_q, 0.0), axis=-1)
+
+
+def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """τ² · mean_i KL(softmax(t_i/τ) ‖ softmax(s_i/τ)): CMI/Fast/NAYER `kldiv`, i.e.
+    `F.kl_div(F.log_softmax(s/τ), F.softmax(t/τ), reduction='batchmean') * τ²`."""
+    return temperature ** 2 * jnp.mean(per_sample_kl(student_logits, teacher_logits, temperature))
+
+
+# ----------------------------------------------------------------------------------- BN statistics (DeepInversion)
+
+def bn_statistics_loss(bn_inputs: Sequence[BNInput], ema: BNEma | None = None,
+                       momentum: float = 0.0) -> tuple[jax.Array, dict[str, list[jax.Array]]]:
+    """Σ_layers ‖running_var − σ²‖₂ + ‖running_mean − μ‖₂ against this batch's (μ, biased σ²), or against
+    (1−m)·batch + m·EMA once `ema["valid"]` (Fast/NAYER): upstream `DeepInversionHook`. Returns (loss, moments)."""
+    loss = jnp.zeros((), jnp.float32)
+    moments = {"mean": [], "var": []}
+    for layer, bn in enumerate(bn_inputs):
+        # Over every axis but channels: under a sharded batch the compiler reduces across devices, so these are the
+        # statistics of the global batch.
+        mean, var = batch_moments(bn.inputs)
+        moments["mean"].append(mean)
+        moments["var"].append(var)
+        target_mean, target_var = mean, var
+        if ema is not None:  # `valid` is traced: select, don't branch
+            target_mean = jnp.where(ema["valid"], (1 - momentum) * mean + momentum * ema["mean"][layer], mean)
+            target_var = jnp.where(ema["valid"], (1 - momentum) * var + momentum * ema["var"][layer], var)
+        loss = loss + (_l2_norm(_f32(bn.running_var) - target_var) + _l2_norm(_f32(bn.running_mean) - target_mean))
+    return loss, moments
+
+
+def init_bn_ema(channel_counts: Sequence[int]) -> BNEma:
+    """A zero EMA of BN-input moments, one (C,) entry per layer, marked not yet valid (no round has finished)."""
+    return {"mean": [jnp.zeros((c,), jnp.float32) for c in channel_counts],
+            "var": [jnp.zeros((c,), jnp.float32) for c in channel_counts],
+            "valid": jnp.zeros((), jnp.bool_)}
+
+
+def update_bn_ema(ema: BNEma, moments: dict[str, list[jax.Array]], momentum: float) -> BNEma:
+    """After a synthesis round: the moments themselves the first time, m·EMA + (1−m)·moments after (upstream
+    `DeepInversionHook.update_mmt`, which reads `.data`, hence the stop_gradient)."""
+    moments = jax.lax.stop_gradient(moments)
+
+    def mix(old, new):
+        return jnp.where(ema["valid"], momentum * old + (1 - momentum) * _f32(new), _f32(new))
+
+    return {"mean": [mix(old, new) for old, new in zip(ema["mean"], moments["mean"], strict=True)],
+            "var": [mix(old, new) for old, new in zip(ema["var"], moments["var"], strict=True)],
+            "valid": jnp.ones((), jnp.bool_)}
+
+
+# ------------------------------------------------------------------------------------- classification, adversarial
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """mean_i −Σ_k y_ik log softmax(logits_i)_k; `targets` are int labels (B,) or probabilities (B, K) (NAYER's
+    one-hot/soft targets), as `F.cross_entropy` accepts both."""
+    log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
+    if targets.ndim == logits.ndim - 1:  # labels: a static shape test, not a traced branch
+        return -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None].astype(jnp.int32), axis=-1))
+    return -jnp.mean(jnp.sum(_f32(targets) * log_probs, axis=-1))
+
+
+def adversarial_masked_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """−mean_i KL(softmax(t_i) ‖ softmax(s_i)) · 1(argmax s_i = argmax t_i): CMI/NAYER's `loss_adv`; only samples
+    the student still classifies like the teacher push the generator (the mask, from argmax, carries no gradient)."""
+    mask = (jnp.argmax(student_logits, axis=-1) == jnp.argmax(teacher_logits, axis=-1)).astype(jnp.float32)
+    return -jnp.mean(per_sample_kl(student_logits, teacher_logits) * mask)
+
+
+def l1_distance(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """mean |t − s| over all elements: DFAD's student loss (`nn.L1Loss()(s, t)`)."""
+    return jnp.mean(jnp.abs(_f32(teacher_logits) - _f32(student_logits)))
+
+
+def adversarial_l1(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """−mean |t − s|: DFAD's generator loss (`-torch.nn.L1Loss()(s, t)`)."""
+    return -l1_distance(student_logits, teacher_logits)
+
+
+def js_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Upstream `jsdiv`: P = softmax(s/T), Q = softmax(t/T), M = (P+Q)/2, each clamped to [0.01, 0.99], then
+    ½·KL_batchmean(M‖P) + ½·KL_batchmean(M‖Q), KL_batchmean(M‖P) = Σ M (log M − log P) / B."""
+    p = jax.nn.softmax(_f32(student_logits) / temperature, axis=-1)
+    q = jax.nn.softmax(_f32(teacher_logits) / temperature, axis=-1)
+    m = 0.5 * (p + q)
+    p, q, m = (jnp.clip(x, 0.01, 0.99) for x in (p, q, m))  # the clamp keeps every log finite
+
+    def kl_batchmean(target, prediction):
+        return jnp.sum(target * (jnp.log(target) - jnp.log(prediction))) / target.shape[0]
+
+    return 0.5 * kl_batchmean(m, p) + 0.5 * kl_batchmean(m, q)
+
+
+def adversarial_js(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 3.0) -> jax.Array:
+    """−JS(s, t) at T = 3: DeepInversion's adversarial (competition) term as CMI's code writes it."""
+    return -js_divergence(student_logits, teacher_logits, temperature)
+
+
+# ---------------------------------------------------------------------------------------------------- DAFL
+
+def dafl_activation(features: jax.Array) -> jax.Array:
+    """−mean |f| on the teacher's penultimate features: DAFL's activation loss."""
+    return -jnp.mean(jnp.abs(_f32(features)))
+
+
+def information_entropy(logits: jax.Array, log_base: float | None = None) -> jax.Array:
+    """Σ_k p̄_k log p̄_k, p̄ = mean_i softmax(logits_i): DAFL's information-entropy loss, the negative entropy of the
+    batch-mean prediction (minimising it balances classes). Natural log by default; DAFL's own code uses log10
+    (`log_base=10`), which only rescales the term by 1/ln 10."""
+    mean_probs = jnp.mean(jax.nn.softmax(_f32(logits), axis=-1), axis=0)
+    positive = mean_probs > 0  # 0·log 0 = 0, with a finite gradient
+    terms = jnp.where(positive, mean_probs * jnp.log(jnp.where(positive, mean_probs, 1.0)), 0.0)
+    entropy_term = jnp.sum(terms)
+    return entropy_term if log_base is None else entropy_term / jnp.log(log_base)
+
+
+# ------------------------------------------------------------------------------------- image priors (DeepInversion)
+
+def total_variation(images_bhwc: jax.Array) -> jax.Array:
+    """Σ of the Frobenius norms of the horizontal, vertical and two diagonal neighbour differences: the l2 variant
+    of DeepInversion's `get_image_prior_losses`, its NCHW indices moved to NHWC."""
+    x = _f32(images_bhwc)
+    along_width = x[:, :, :-1] - x[:, :, 1:]
+    along_height = x[:, :-1, :] - x[:, 1:, :]
+    anti_diagonal = x[:, 1:, :-1] - x[:, :-1, 1:]
+    diagonal = x[:, :-1, :-1] - x[:, 1:, 1:]
+    return sum(_l2_norm(d) for d in (along_width, along_height, anti_diagonal, diagonal))
+
+
+def l2_prior(images_bhwc: jax.Array) -> jax.Array:
+    """Frobenius norm of the whole batch: DeepInversion's `torch.norm(inputs, 2)`."""
+    return _l2_norm(_f32(images_bhwc))
