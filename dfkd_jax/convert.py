@@ -21,6 +21,7 @@ import sys
 import zipfile
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
@@ -222,24 +223,34 @@ def matching_architectures(state_dict: Mapping[str, np.ndarray]) -> list[str]:
 def to_flax_variables(state_dict: Mapping[str, np.ndarray], spec: NetworkSpec, source: str = "checkpoint"
                       ) -> Variables:
     """Map a canonical-key state_dict onto the network of `spec`; raises LayoutMismatchError listing every problem."""
-    _, variables = Network.abstract(spec)
-    layout = expected_layout(variables)
+    described = spec.arch + "".join(f", shortcut {v}" for v in spec.options.values())
+    return state_dict_to_variables(state_dict, Network.abstract(spec)[1],
+                                   f"{source} does not fit {described} with {spec.num_classes} classes",
+                                   suggest=True)
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract: Variables, problem: str,
+                            suggest: bool = False) -> Variables:
+    """Fill the (abstract) variables of any zoo module, classifier or generator, from a PyTorch state_dict whose
+    keys follow the module's attribute names; raises LayoutMismatchError naming `problem` and every mismatch."""
+    layout = expected_layout(abstract)
     missing, unexpected, wrong_shape = _layout_differences(state_dict, layout)
     if missing or unexpected or wrong_shape:
-        described = spec.arch + "".join(f", shortcut {v}" for v in spec.options.values())
-        lines = [f"{source} does not fit {described} with {spec.num_classes} classes:"]
+        lines = [f"{problem}:"]
         lines += _listing("missing (expected by the architecture, absent from the checkpoint)", len(missing),
                           [f"{k} {s}" for k, s in _group_by_module(missing).items()])
         lines += _listing("unexpected (in the checkpoint, unknown to the architecture)", len(unexpected),
                           [f"{k} {s}" for k, s in _group_by_module(unexpected).items()])
         lines += _listing("wrong shape", len(wrong_shape),
                           [f"{k}: checkpoint {s[0]}, expected {s[1]}" for k, s in wrong_shape.items()])
-        suggestions = matching_architectures(state_dict)
-        lines.append(f"  The checkpoint fits: {', '.join(suggestions)}; pass that as --arch." if suggestions else
-                     f"  It fits none of the known architectures ({', '.join(zoo.ARCHITECTURES)}).")
+        if suggest:
+            suggestions = matching_architectures(state_dict)
+            lines.append(f"  The checkpoint fits: {', '.join(suggestions)}; pass that as --arch." if suggestions else
+                         f"  It fits none of the known architectures ({', '.join(zoo.ARCHITECTURES)}).")
         raise LayoutMismatchError("\n".join(lines), missing, unexpected, wrong_shape)
     converted = traverse_util.unflatten_dict(
         {flax_key: jnp.asarray(_to_flax_layout(state_dict[torch_key])) for torch_key, (flax_key, _) in layout.items()})
+    variables = jax.tree_util.tree_map(lambda x: x, abstract)  # fill a copy; the caller's abstract tree stays
     for collection, state in variables.items():
         nnx.replace_by_pure_dict(state, converted[collection])
     return variables

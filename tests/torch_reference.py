@@ -288,3 +288,88 @@ def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Modu
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
     return model
+
+
+# ------------------------------------------------------------------------- CMI / Fast / NAYER generators
+
+class Generator(nn.Module):
+    """CMI / Fast / NAYER "DCGAN-small" generator, as upstream writes it."""
+
+    def __init__(self, nz=100, ngf=64, img_size=32, nc=3):
+        super().__init__()
+        self.params = (nz, ngf, img_size, nc)
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(ngf * 2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z):
+        out = self.l1(z)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        img = self.conv_blocks(out)
+        return img
+
+
+class NLGenerator(nn.Module):
+    """NAYER's generator: label embedding -> BatchNorm1d -> one noisy Linear per chunk of `nl` samples -> trunk."""
+
+    def __init__(self, ngf=64, img_size=32, nc=3, nl=100, label_emb=None, le_emb_size=256, le_size=512, sbz=200):
+        super().__init__()
+        self.params = (ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        self.le = label_emb
+        self.nl = nl
+        self.init_size = img_size // 4
+        self.le_size = le_size
+        self.nle = -(-sbz // nl)  # upstream: int(np.ceil(sbz / nl))
+        self.sbz = sbz
+        self.n1 = nn.BatchNorm1d(le_size)
+        self.le1 = nn.ModuleList([nn.Linear(le_size, le_emb_size) for i in range(self.nle)])
+        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(ngf * 2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def re_init_le(self):
+        for i in range(self.nle):
+            nn.init.normal_(self.le1[i].weight, mean=0, std=1)
+            nn.init.constant_(self.le1[i].bias, 0)
+
+    def forward(self, targets=None):
+        le = self.le[targets].detach()
+        le = self.n1(le)
+        v = None
+        for i in range(self.nle):
+            if (i + 1) * self.nl > le.shape[0]:
+                sle = le[i * self.nl:]
+            else:
+                sle = le[i * self.nl:(i + 1) * self.nl]
+            sv = self.le1[i](sle)
+            if v is None:
+                v = sv
+            else:
+                v = torch.cat((v, sv))
+        out = self.l1(v)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        img = self.conv_blocks(out)
+        return img

@@ -1,0 +1,153 @@
+"""Generators of the CMI / Fast / NAYER family, with PyTorch's module names and initialisation.
+
+- `DCGANGenerator` ("DCGAN-small", upstream `Generator`): z → Linear → 128×s×s → BN → [×2 nearest upsample →
+  conv3×3 → BN → LeakyReLU(0.2)] ×2 (128 then 64 channels) → conv3×3 → sigmoid; s = image_size / 4.
+- `NayerGenerator` (upstream `NLGenerator`): a per-sample label embedding → BatchNorm1d → the *noisy layer* (one
+  Linear per chunk of `chunk` samples, re-initialised N(0, 1) every synthesis round) → Linear → the same trunk.
+
+Both return NHWC images in [0, 1]. The linear projection is reshaped channel-first, as PyTorch's `view(B, C, s, s)`
+does, so converted PyTorch generators produce the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfkd_jax.models.layers import BatchNorm
+
+# PyTorch's default Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias likewise.
+torch_default_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_default_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, kernel_init=torch_default_kernel_init,
+                      bias_init=_torch_default_bias_init(in_features), rngs=rngs)
+
+
+def torch_conv3x3(in_channels: int, out_channels: int, *, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias,
+                    kernel_init=torch_default_kernel_init, bias_init=_torch_default_bias_init(in_channels * 9),
+                    rngs=rngs)
+
+
+def upsample_nearest_2x(x_bhwc: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+    return jax.nn.leaky_relu(x, 0.2)
+
+
+def _trunk(ngf: int, channels: int, rngs: nnx.Rngs) -> nnx.List:
+    """Upstream's `conv_blocks`, index for index (parameter-free steps are plain functions)."""
+    return nnx.List([
+        BatchNorm(ngf * 2), upsample_nearest_2x,
+        torch_conv3x3(ngf * 2, ngf * 2, use_bias=False, rngs=rngs), BatchNorm(ngf * 2), leaky_relu,
+        upsample_nearest_2x,
+        torch_conv3x3(ngf * 2, ngf, use_bias=False, rngs=rngs), BatchNorm(ngf), leaky_relu,
+        torch_conv3x3(ngf, channels, use_bias=True, rngs=rngs), jax.nn.sigmoid,
+    ])
+
+
+def _run(layers: nnx.List, x: jax.Array, train: bool) -> jax.Array:
+    for layer in layers:
+        x = layer(x, train=train) if isinstance(layer, BatchNorm) else layer(x)
+    return x
+
+
+def _project(linear: nnx.Linear, x: jax.Array, ngf: int, init_size: int) -> jax.Array:
+    out = linear(x)  # features ordered (C, H, W) as in PyTorch's view(B, C, s, s)
+    return out.reshape(out.shape[0], ngf * 2, init_size, init_size).transpose(0, 2, 3, 1)
+
+
+class DCGANGenerator(nnx.Module):
+    def __init__(self, nz: int = 256, ngf: int = 64, image_size: int = 32, channels: int = 3, *, rngs: nnx.Rngs):
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.ngf, self.init_size = ngf, image_size // 4
+        self.l1 = nnx.List([torch_linear(nz, ngf * 2 * self.init_size ** 2, rngs=rngs)])
+        self.conv_blocks = _trunk(ngf, channels, rngs)
+
+    def __call__(self, z_bn: jax.Array, *, train: bool = True) -> jax.Array:
+        return _run(self.conv_blocks, _project(self.l1[0], z_bn, self.ngf, self.init_size), train)
+
+
+class NayerGenerator(nnx.Module):
+    def __init__(self, embedding_size: int, batch_size: int, chunk: int, *, noisy_size: int = 1000,
+                 ngf: int = 64, image_size: int = 32, channels: int = 3, rngs: nnx.Rngs):
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.ngf, self.init_size, self.chunk = ngf, image_size // 4, chunk
+        self.n1 = BatchNorm(embedding_size)
+        # One noisy linear per chunk of `chunk` samples (upstream: chunk = number of classes).
+        self.le1 = nnx.List([torch_linear(embedding_size, noisy_size, rngs=rngs)
+                             for _ in range(math.ceil(batch_size / chunk))])
+        self.l1 = nnx.List([torch_linear(noisy_size, ngf * 2 * self.init_size ** 2, rngs=rngs)])
+        self.conv_blocks = _trunk(ngf, channels, rngs)
+
+    def __call__(self, embeddings_bd: jax.Array, *, train: bool = True) -> jax.Array:
+        batch = embeddings_bd.shape[0]
+        if batch > len(self.le1) * self.chunk:
+            raise ValueError(f"batch {batch} exceeds the {len(self.le1)} noisy chunks of {self.chunk} samples")
+        normalised = self.n1(embeddings_bd, train=train)
+        noisy = jnp.concatenate([self.le1[i](normalised[i * self.chunk:(i + 1) * self.chunk])
+                                 for i in range(math.ceil(batch / self.chunk))])
+        return _run(self.conv_blocks, _project(self.l1[0], noisy, self.ngf, self.init_size), train)
+
+
+def reinit_noisy_layer(params: nnx.State, key: jax.Array) -> nnx.State:
+    """NAYER's `re_init_le`: every noisy linear gets weights N(0, 1) and zero bias (a pure function of params)."""
+    pure = nnx.to_pure_dict(params)
+    keys = jax.random.split(key, len(pure["le1"]))
+    pure["le1"] = {i: {"kernel": jax.random.normal(keys[i], layer["kernel"].shape, layer["kernel"].dtype),
+                       "bias": jnp.zeros_like(layer["bias"])} for i, layer in pure["le1"].items()}
+    fresh = jax.tree_util.tree_map(lambda x: x, params)  # a copy to fill; params stays untouched
+    nnx.replace_by_pure_dict(fresh, pure)
+    return fresh
+
+
+GENERATORS = {"dcgan": DCGANGenerator, "nayer": NayerGenerator}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Generator:
+    """A generator as pure functions: `apply(variables, inputs, train)` -> (images, new batch statistics)."""
+
+    kind: str
+    kwargs: dict[str, Any]
+    graphdef: nnx.GraphDef
+
+    @classmethod
+    def create(cls, kind: str, seed: int | jax.Array = 0, **kwargs) -> tuple["Generator", dict]:
+        if kind not in GENERATORS:
+            raise ValueError(f"unknown generator {kind!r}; choose one of {sorted(GENERATORS)}")
+        rngs = nnx.Rngs(params=seed)
+        graphdef, params, batch_stats = nnx.split(GENERATORS[kind](**kwargs, rngs=rngs), nnx.Param, nnx.BatchStat)
+        return cls(kind, kwargs, graphdef), {"params": params, "batch_stats": batch_stats}
+
+    def init(self, key: jax.Array) -> dict:
+        """Fresh variables (upstream `reinit()`: a new generator with PyTorch's default initialisation); jittable."""
+        _, params, batch_stats = nnx.split(GENERATORS[self.kind](**self.kwargs, rngs=nnx.Rngs(params=key)),
+                                           nnx.Param, nnx.BatchStat)
+        return {"params": params, "batch_stats": batch_stats}
+
+    def apply(self, variables: dict, inputs: jax.Array, *, train: bool = True) -> tuple[jax.Array, nnx.State]:
+        # copy=True: fresh Variables owned by this trace, so BatchNorm can update them under jax.grad too.
+        model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"], copy=True)
+        images, _ = nnx.capture(model, nnx.Intermediate)(inputs, train=train)
+        return images, nnx.state(model, nnx.BatchStat)
