@@ -12,6 +12,7 @@ printed is JSON: {"top1": <percent>, "n": <images>}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Callable
@@ -27,6 +28,7 @@ from dfkd_jax.data.sources import ImageSource, open_source
 from dfkd_jax.models import Network, Variables
 
 
+@functools.lru_cache(maxsize=16)  # one compiled step per (network, mesh): periodic evaluation never recompiles
 def make_eval_step(network: Network, mesh: jax.sharding.Mesh) -> Callable:
     """(variables, images uint8, labels, valid) -> (number correct, logits), jitted over the mesh."""
 

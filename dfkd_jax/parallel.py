@@ -49,3 +49,24 @@ def host_local_slice(global_batch: int) -> slice:
 def shard_host_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Assemble the global batch-sharded array from each process's rows (see `host_local_slice`)."""
     return jax.make_array_from_process_local_data(batch_sharded(mesh), host_batch)
+
+
+# Train-state leaves holding batches of images (the pool, pixel batches, best batches) are sharded on `data` along
+# their first axis; every other leaf (parameters, optimizer states, counters, keys) is replicated.
+BATCH_SHARDED_NAMES = frozenset({"images", "pixels", "best_images"})
+
+
+def _is_batch_sharded(path, leaf) -> bool:
+    names = {str(getattr(p, "key", getattr(p, "name", p))) for p in path}
+    return bool(names & BATCH_SHARDED_NAMES) and getattr(leaf, "ndim", 0) >= 1
+
+
+def state_shardings(state, mesh: Mesh):
+    """The sharding of every leaf of a train state (concrete or abstract), by the rule above."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: batch_sharded(mesh) if _is_batch_sharded(path, leaf) else replicated(mesh), state)
+
+
+def constrain_state(state, mesh: Mesh):
+    """Inside jit: pin every leaf of `state` to its rule-given sharding (keeps donated buffers where they are)."""
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))

@@ -87,6 +87,11 @@ class Network:
         graphdef, params, batch_stats = nnx.split(spec.build(nnx.Rngs(seed)), nnx.Param, nnx.BatchStat)
         return cls(spec, graphdef), {"params": params, "batch_stats": batch_stats}
 
+    def init(self, key: jax.Array) -> Variables:
+        """Fresh variables from a PRNG key (jittable)."""
+        _, params, batch_stats = nnx.split(self.spec.build(nnx.Rngs(params=key)), nnx.Param, nnx.BatchStat)
+        return {"params": params, "batch_stats": batch_stats}
+
     @classmethod
     def abstract(cls, spec: NetworkSpec) -> tuple["Network", Variables]:
         """The network and the shapes/dtypes of its variables, without allocating them."""
@@ -100,7 +105,8 @@ class Network:
         train=True normalises with batch statistics and returns the updated running statistics; train=False uses
         the running statistics and returns them unchanged.
         """
-        model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"])
+        # copy=True: fresh Variables owned by this trace, so BatchNorm can update them under jax.grad too.
+        model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"], copy=True)
         forward = nnx.capture(model, nnx.Intermediate)  # collects what each BatchNorm sows: its input
         (logits, features), recorded = forward(normalise(images, self.spec.mean, self.spec.std), train=train)
         running = dict(nnx.to_flat_state(variables["batch_stats"]))
@@ -109,6 +115,13 @@ class Network:
             for path, variable in nnx.to_flat_state(recorded)
             for inputs in variable.get_value())
         return Output(logits, features, bn_inputs), nnx.state(model, nnx.BatchStat)
+
+    def bn_channels(self, image_shape: tuple[int, int, int]) -> list[int]:
+        """Channels of every BatchNorm layer, in the order of `Output.bn_inputs` (shapes only, no compute)."""
+        _, abstract = Network.abstract(self.spec)
+        images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+        output = jax.eval_shape(lambda variables, x: self.apply(variables, x)[0], abstract, images)
+        return [bn_input.inputs.shape[-1] for bn_input in output.bn_inputs]
 
 
 def normalise(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:

@@ -12,7 +12,8 @@ from dfkd_jax.models.layers import BatchNorm, conv1x1, conv3x3, global_avg_pool,
 
 
 class WideBasicBlock(nnx.Module):
-    """BN → ReLU → conv3×3(stride) → BN → ReLU → conv3×3, plus the input or a 1×1 projection of the activated input."""
+    """BN → ReLU → conv3×3(stride) → BN → ReLU → conv3×3, plus the input or a 1×1 projection of the activated
+    input."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, *, rngs: nnx.Rngs):
         self.bn1 = BatchNorm(in_planes)

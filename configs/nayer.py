@@ -1,0 +1,41 @@
+"""NAYER (Tran et al., CVPR 2024): label-embedding generator with a re-initialised noisy layer, pool of best batches.
+
+    python -m dfkd_jax.main --config=configs/nayer.py                 # embedded default: digits, no files needed
+    python -m dfkd_jax.main --config=configs/nayer.py:cifar10,budget=cpu20
+    python -m dfkd_jax.main --config=configs/nayer.py:cifar10         # the paper's NAYER-100 schedule
+
+Defaults are upstream's CIFAR-10 script (scripts/nayer_100.sh): synthesis batch 400, 30 generator steps per round,
+Adam 4e-3 (0.5, 0.999), loss 10·BN(momentum 0.9) + 0.5·CE + 1.33·adv, 2 rounds per epoch (10 in the 20 warm-up
+epochs), generator rebuilt every 10 epochs, 400 student steps of 512 per epoch, SGD 0.2 cosine to 2e-4, τ = 20,
+120 epochs. [decided] Label embedding: a fixed random orthogonal 10×512 matrix unless
+config.synthesis.label_embedding_file gives a K×D .npy (upstream uses CLIP text embeddings, not available here;
+a file's width overrides config.synthesis.embedding_dim).
+Budgets and their measured results are in README.md ("Distillation runs").
+"""
+
+from dfkd_jax import presets
+
+DEFAULTS = dict(
+    synthesis=dict(batch_size=400, g_steps=30, lr=4e-3, betas=(0.5, 0.999), bn_weight=10.0, ce_weight=0.5,
+                   adv_weight=1.33, bn_momentum=0.9, g_life=10, g_loops=2, warmup_g_loops=10, noisy_size=1000,
+                   ngf=64, embedding_dim=512, label_embedding_file=""),
+    schedule=dict(epochs=120, warmup=20, kd_steps=400, cycles=1),
+    student=dict(batch_size=512, lr=0.2, momentum=0.9, weight_decay=1e-4, schedule="cosine", eta_min=2e-4,
+                 temperature=20.0),
+)
+
+BUDGETS = {
+    "paper": {},
+    # About 20 minutes on 2 CPU cores (akamaster resnet56 -> resnet20).
+    "cpu20": dict(synthesis=dict(batch_size=200, g_steps=20, warmup_g_loops=4, g_loops=2, g_life=5),
+                  schedule=dict(epochs=12, warmup=2, kd_steps=60), student=dict(batch_size=128, lr=0.1)),
+    # The embedded default: under 5 minutes on 2 CPU cores, teacher training included.
+    "digits": dict(synthesis=dict(batch_size=100, g_steps=20, warmup_g_loops=4, g_loops=2, g_life=5, ngf=32,
+                                  noisy_size=256),
+                   schedule=dict(epochs=10, warmup=2, kd_steps=40), student=dict(batch_size=128, lr=0.1),
+                   eval=dict(every_epochs=2)),
+}
+
+
+def get_config(arg=None):
+    return presets.base_config("nayer", arg, DEFAULTS, BUDGETS)

@@ -1,0 +1,117 @@
+"""DeepInversion (Yin et al., CVPR 2020) as in the CMI codebase: optimise a batch of pixels, keep it in the pool.
+
+Per epoch: one batch of pixels, initialised N(0, 1) in the teacher's normalised space, takes `g_steps` Adam steps
+(lr 0.1, betas 0.5/0.99) on BN + CE(random sorted targets) + adv (−JS, τ = 3) + TV + L2, each step seeing the batch
+rolled by up to ±4 pixels and possibly flipped (one draw per batch), then clipped to valid pixel values. The
+lowest-loss batch goes to the pool; the student then takes `kd_steps` steps on the pool.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfkd_jax import augment, losses, pool
+from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
+
+
+class DeepInversion(Method):
+    name = "deepinv"
+
+    def __init__(self, config, teacher, student, mesh):
+        super().__init__(config, teacher, student, mesh)
+        synthesis = config.synthesis
+        self.batch = synthesis.batch_size
+        self.mean = jnp.asarray(teacher.spec.mean, jnp.float32)
+        self.std = jnp.asarray(teacher.spec.std, jnp.float32)
+        self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
+        self.start_round = jax.jit(self._start_round, donate_argnums=0)
+        self.pixel_step = jax.jit(self._pixel_step, donate_argnums=0)
+        self.end_round = jax.jit(self._end_round, donate_argnums=0)
+
+    def init(self, key: jax.Array) -> dict:
+        del key
+        pixels = {"pixels": jnp.zeros((self.batch, *self.image_shape))}
+        return {"pixels": pixels, "pixel_opt": self.optimizer.init(pixels),
+                "targets": jnp.zeros((self.batch,), jnp.int32), "best_loss": jnp.full((), jnp.inf, jnp.float32),
+                "best_images": jnp.zeros((self.batch, *self.image_shape)),
+                "pool": pool.create(self.pool_capacity(), self.image_shape, self.config.pool.dtype)}
+
+    def pool_capacity(self) -> int:
+        capacity = self.config.pool.capacity or max(self.config.schedule.epochs, 1) * self.batch
+        return -(-capacity // self.mesh.devices.size) * self.mesh.devices.size
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(cycles=1, kd_steps=self.config.schedule.kd_steps,
+                         synthesis_steps=self.config.synthesis.g_steps, synthesis_batch=self.batch)
+
+    def to_images(self, normalised: jax.Array) -> jax.Array:
+        return normalised * self.std + self.mean
+
+    def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
+        state = self.start_round(state)
+        history = []
+        for _ in range(self.config.synthesis.g_steps):
+            state, metrics = self.pixel_step(state, teacher_variables)
+            history.append(metrics)
+            if on_step:
+                on_step(self.batch, metrics)
+        state, round_metrics = self.end_round(state)
+        return state, mean_metrics(history) | jax.device_get(round_metrics)
+
+    def _start_round(self, state: State) -> State:
+        rng, pixels_key, targets_key = jax.random.split(state["rng"], 3)
+        pixels = {"pixels": self.batch_constraint(jax.random.normal(pixels_key, (self.batch, *self.image_shape)))}
+        targets = jnp.sort(jax.random.randint(targets_key, (self.batch,), 0, self.num_classes, jnp.int32))
+        synth = state["synth"] | {"pixels": pixels, "pixel_opt": self.optimizer.init(pixels), "targets": targets,
+                                  "best_loss": jnp.full((), jnp.inf, jnp.float32)}
+        return self.constrain(state | {"rng": rng, "synth": synth})
+
+    def _pixel_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
+        weights = self.config.synthesis
+        rng, jitter_key = jax.random.split(state["rng"])
+        synth = state["synth"]
+
+        def loss_fn(pixels):
+            normalised = pixels["pixels"]
+            augmented = self.to_images(augment.random_jitter_flip(normalised, jitter_key))
+            teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
+            terms = {"synthesis/bn": losses.bn_statistics_loss(teacher_out.bn_inputs)[0],
+                     "synthesis/ce": losses.cross_entropy(teacher_out.logits, synth["targets"]),
+                     "synthesis/tv": losses.total_variation(normalised),
+                     "synthesis/l2": losses.l2_prior(normalised)}
+            loss = (weights.bn_weight * terms["synthesis/bn"] + weights.ce_weight * terms["synthesis/ce"]
+                    + weights.tv_weight * terms["synthesis/tv"] + weights.l2_weight * terms["synthesis/l2"])
+            if weights.adv_weight > 0:
+                student_out, _ = self.student.apply(state["student"], augmented, train=False)
+                terms["synthesis/adv"] = losses.adversarial_js(student_out.logits, teacher_out.logits,
+                                                               weights.adv_temperature)
+                loss = loss + weights.adv_weight * terms["synthesis/adv"]
+            return loss, terms
+
+        pixels = synth["pixels"]
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(pixels)
+        updates, opt_state = self.optimizer.update(grads, synth["pixel_opt"], pixels)
+        # Clip to the normalised images of [0, 1] pixels (upstream `clip_images`).
+        new_pixels = {"pixels": jnp.clip(optax.apply_updates(pixels, updates)["pixels"],
+                                         -self.mean / self.std, (1 - self.mean) / self.std)}
+        better = loss < synth["best_loss"]
+        synth = synth | {"pixels": new_pixels, "pixel_opt": opt_state,
+                         "best_loss": jnp.where(better, loss, synth["best_loss"]),
+                         "best_images": jnp.where(better, self.to_images(pixels["pixels"]), synth["best_images"])}
+        return self.constrain(state | {"rng": rng, "synth": synth}), {"synthesis/loss": loss, **terms}
+
+    def _end_round(self, state: State) -> tuple[State, dict]:
+        synth = state["synth"]
+        new_pool = pool.add(synth["pool"], synth["best_images"])
+        return (self.constrain(state | {"synth": synth | {"pool": new_pool}}),
+                {"synthesis/best_loss": synth["best_loss"], "pool/size": new_pool["count"]})
+
+    def student_batch(self, synth: dict, key: jax.Array) -> dict:
+        sample_key, augment_key = jax.random.split(key)
+        images = pool.sample(synth["pool"], sample_key, self.config.student.batch_size)
+        return {"images": augment.random_crop_flip(self.batch_constraint(images), augment_key)}
+
+    def preview(self, state: State):
+        return jax.device_get(state["synth"]["best_images"])[:100]

@@ -1,0 +1,173 @@
+"""NAYER (Tran et al., CVPR 2024): a generator fed with label embeddings, a noisy layer re-initialised every round,
+and a pool of the best batch of each round.
+
+Per epoch: `g_loops` rounds (`warmup_g_loops` during the first `warmup` epochs); each round re-initialises the noisy
+layer, creates a fresh Adam, takes `g_steps` generator steps on 10·BN + 0.5·CE + 1.33·adv (adv only after warm-up)
+and adds the lowest-loss batch to the pool. Then `kd_steps` student steps on the pool (none during warm-up). The
+whole generator is rebuilt every `g_life` epochs. Upstream keeps the best loss across the rounds of one epoch; here
+each round keeps its own best (methods.md: "keep the lowest-loss batch" of the round).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfkd_jax import augment, losses, pool
+from dfkd_jax.methods.base import EpochPlan, Method, State, class_balanced_targets, label_embedding, mean_metrics
+from dfkd_jax.models.generators import Generator, reinit_noisy_layer
+
+
+class Nayer(Method):
+    name = "nayer"
+
+    def __init__(self, config, teacher, student, mesh):
+        super().__init__(config, teacher, student, mesh)
+        synthesis = config.synthesis
+        self.batch = synthesis.batch_size
+        self.embeddings = jnp.asarray(label_embedding(self.num_classes, synthesis.embedding_dim,
+                                                      synthesis.label_embedding_file, config.seed))
+        self.generator, _ = Generator.create(
+            "nayer", 0, embedding_size=self.embeddings.shape[1], batch_size=self.batch, chunk=self.num_classes,
+            noisy_size=synthesis.noisy_size, ngf=synthesis.ngf, image_size=self.image_shape[0],
+            channels=self.image_shape[2])
+        self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
+        self.rebuild_generator = jax.jit(self._rebuild_generator, donate_argnums=0)
+        self.start_round = jax.jit(self._start_round, donate_argnums=0)
+        self.generator_step = {  # two variants compiled once each: the adversarial term costs a student pass
+            adversarial: jax.jit(functools.partial(self._generator_step, adversarial=adversarial), donate_argnums=0)
+            for adversarial in (False, True)}
+        self.end_round = jax.jit(self._end_round, donate_argnums=0)
+
+    # -------------------------------------------------------------------------------------------- state
+    def init(self, key: jax.Array) -> dict:
+        variables = self.generator.init(key)
+        channels = self.teacher.bn_channels(self.image_shape)
+        zero_moments = {k: v for k, v in losses.init_bn_ema(channels).items() if k != "valid"}
+        return {
+            "generator": variables,
+            "generator_opt": self.optimizer.init(variables["params"]),
+            "bn_ema": losses.init_bn_ema(channels),
+            "pool": pool.create(self.pool_capacity(), self.image_shape, self.config.pool.dtype),
+            "round": {"targets": jnp.zeros((self.batch,), jnp.int32), "best_loss": jnp.full((), jnp.inf, jnp.float32),
+                      "best_images": jnp.zeros((self.batch, *self.image_shape)), "last_moments": zero_moments},
+        }
+
+    def pool_capacity(self) -> int:
+        """Every batch the schedule keeps, unless config.pool.capacity caps it (then the oldest are overwritten)."""
+        schedule, synthesis = self.config.schedule, self.config.synthesis
+        rounds = (min(schedule.warmup, schedule.epochs) * synthesis.warmup_g_loops
+                  + max(schedule.epochs - schedule.warmup, 0) * synthesis.g_loops)
+        capacity = self.config.pool.capacity or max(rounds, 1) * self.batch
+        return -(-capacity // self.mesh.devices.size) * self.mesh.devices.size
+
+    # --------------------------------------------------------------------------------------------- plan
+    def in_warmup(self, epoch: int) -> bool:
+        return epoch < self.config.schedule.warmup
+
+    def plan(self, epoch: int) -> EpochPlan:
+        synthesis = self.config.synthesis
+        loops = synthesis.warmup_g_loops if self.in_warmup(epoch) else synthesis.g_loops
+        kd_steps = 0 if self.in_warmup(epoch) else self.config.schedule.kd_steps
+        return EpochPlan(cycles=1, kd_steps=kd_steps, synthesis_steps=loops * synthesis.g_steps,
+                         synthesis_batch=self.batch)
+
+    def rebuilds_generator(self, epoch: int) -> bool:
+        """Upstream: `(ep - warmup) % g_life == 0 or ep % g_life == 0` (Python's modulo)."""
+        g_life, warmup = self.config.synthesis.g_life, self.config.schedule.warmup
+        return (epoch - warmup) % g_life == 0 or epoch % g_life == 0
+
+    # ----------------------------------------------------------------------------------------- synthesis
+    def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
+        if self.rebuilds_generator(epoch):
+            state = self.rebuild_generator(state)
+        plan = self.plan(epoch)
+        step = self.generator_step[not self.in_warmup(epoch) and self.config.synthesis.adv_weight > 0]
+        history, round_history = [], []
+        for _ in range(plan.synthesis_steps // self.config.synthesis.g_steps):
+            state = self.start_round(state)
+            for _ in range(self.config.synthesis.g_steps):
+                state, metrics = step(state, teacher_variables)
+                history.append(metrics)
+                if on_step:
+                    on_step(self.batch, metrics)
+            state, round_metrics = self.end_round(state)
+            round_history.append(round_metrics)
+        return state, mean_metrics(history) | mean_metrics(round_history[-1:]) | {
+            "synthesis/best_loss": mean_metrics(round_history)["synthesis/best_loss"]}
+
+    def _rebuild_generator(self, state: State) -> State:
+        rng, key = jax.random.split(state["rng"])
+        variables = self.generator.init(key)
+        synth = state["synth"] | {"generator": variables,
+                                  "generator_opt": self.optimizer.init(variables["params"])}
+        return self.constrain(state | {"rng": rng, "synth": synth})
+
+    def _start_round(self, state: State) -> State:
+        rng, noisy_key, targets_key = jax.random.split(state["rng"], 3)
+        synth = state["synth"]
+        params = reinit_noisy_layer(synth["generator"]["params"], noisy_key)
+        round_state = synth["round"] | {"targets": class_balanced_targets(targets_key, self.batch, self.num_classes),
+                                        "best_loss": jnp.full((), jnp.inf, jnp.float32)}
+        synth = synth | {"generator": synth["generator"] | {"params": params},
+                         "generator_opt": self.optimizer.init(params), "round": round_state}
+        return self.constrain(state | {"rng": rng, "synth": synth})
+
+    def _generator_step(self, state: State, teacher_variables: dict, *, adversarial: bool) -> tuple[State, dict]:
+        weights = self.config.synthesis
+        rng, augment_key = jax.random.split(state["rng"])
+        synth = state["synth"]
+        targets = synth["round"]["targets"]
+        embeddings = self.batch_constraint(self.embeddings[targets])
+
+        def loss_fn(params):
+            images, batch_stats = self.generator.apply(
+                {"params": params, "batch_stats": synth["generator"]["batch_stats"]}, embeddings, train=True)
+            images = self.batch_constraint(images)
+            augmented = augment.random_crop_flip(images, augment_key)
+            teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
+            bn, moments = losses.bn_statistics_loss(teacher_out.bn_inputs, synth["bn_ema"], weights.bn_momentum)
+            ce = losses.cross_entropy(teacher_out.logits, jax.nn.one_hot(targets, self.num_classes))
+            terms = {"synthesis/bn": bn, "synthesis/ce": ce}
+            if adversarial:
+                student_out, _ = self.student.apply(state["student"], augmented, train=False)
+                terms["synthesis/adv"] = losses.adversarial_masked_kl(student_out.logits, teacher_out.logits)
+            loss = weights.bn_weight * bn + weights.ce_weight * ce + weights.adv_weight * terms.get(
+                "synthesis/adv", 0.0)
+            return loss, (images, batch_stats, moments, terms)
+
+        params = synth["generator"]["params"]
+        (loss, (images, batch_stats, moments, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, synth["generator_opt"], params)
+        round_state = synth["round"]
+        better = loss < round_state["best_loss"]  # upstream keeps the batch made before the update
+        round_state = round_state | {
+            "best_loss": jnp.where(better, loss, round_state["best_loss"]),
+            "best_images": jnp.where(better, jax.lax.stop_gradient(images), round_state["best_images"]),
+            "last_moments": moments}
+        synth = synth | {"generator": {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats},
+                         "generator_opt": opt_state, "round": round_state}
+        return self.constrain(state | {"rng": rng, "synth": synth}), {"synthesis/loss": loss, **terms}
+
+    def _end_round(self, state: State) -> tuple[State, dict]:
+        synth = state["synth"]
+        round_state = synth["round"]
+        new_pool = pool.add(synth["pool"], round_state["best_images"])
+        ema = synth["bn_ema"]
+        if self.config.synthesis.bn_momentum > 0:
+            ema = losses.update_bn_ema(ema, round_state["last_moments"], self.config.synthesis.bn_momentum)
+        synth = synth | {"pool": new_pool, "bn_ema": ema}
+        return self.constrain(state | {"synth": synth}), {"synthesis/best_loss": round_state["best_loss"],
+                                                           "pool/size": new_pool["count"]}
+
+    # ------------------------------------------------------------------------------------------ student
+    def student_batch(self, synth: dict, key: jax.Array) -> dict:
+        sample_key, augment_key = jax.random.split(key)
+        images = pool.sample(synth["pool"], sample_key, self.config.student.batch_size)
+        return {"images": augment.random_crop_flip(self.batch_constraint(images), augment_key)}
+
+    def preview(self, state: State):
+        return jax.device_get(state["synth"]["round"]["best_images"])[:100]

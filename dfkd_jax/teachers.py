@@ -1,0 +1,66 @@
+"""Where a run's teacher and its evaluation images come from (`config.teacher.source`):
+
+- `digits`: the embedded default. A teacher the project trains itself, once, on scikit-learn's handwritten digits
+  (shipped inside the installed package); evaluation on the held-out digits. Needs no files at all.
+- `torch`: a PyTorch checkpoint, converted once into WORKDIR/teacher.
+- `converted`: a directory written by `python -m dfkd_jax.convert`.
+
+The teacher is made or converted once and stored as a network checkpoint in the workdir; training checkpoints never
+contain it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+from dfkd_jax import convert
+from dfkd_jax.data.sources import ImageSource, open_source
+from dfkd_jax.models import Network, NetworkSpec, Variables
+from dfkd_jax.network_io import load_network, save_network
+
+SOURCES = ("digits", "torch", "converted")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[Network, Variables, ImageSource]:
+    teacher = config.teacher
+    if teacher.source not in SOURCES:
+        raise ValueError(f"config.teacher.source must be one of {SOURCES}, got {teacher.source!r}")
+    teacher_dir = os.path.join(workdir, "teacher")
+    if teacher.source == "converted":
+        teacher_dir = teacher.dir
+    elif os.path.isdir(teacher_dir):
+        print(f"using the teacher made earlier in {teacher_dir}", file=sys.stderr)
+    elif teacher.source == "torch":
+        convert.main(["--torch", teacher.torch_file, "--arch", teacher.arch, "--out", teacher_dir,
+                      "--normalisation", teacher.normalisation])
+    else:
+        _train_digits_teacher(config, teacher_dir, mesh)
+    network, variables, _ = load_network(teacher_dir)
+    if network.spec.arch != teacher.arch:
+        raise ValueError(f"{teacher_dir} holds a {network.spec.arch}, but config.teacher.arch is {teacher.arch}; "
+                         "pass another --workdir or fix the config.")
+    return network, variables, evaluation_source(config)
+
+
+def evaluation_source(config: ml_collections.ConfigDict) -> ImageSource:
+    if config.eval.data == "digits":
+        from dfkd_jax.data.digits import load_digits_split
+        return load_digits_split(image_size=config.data.image_shape[0])[1]
+    return open_source(config.eval.data, config.eval.split, config.eval.data_dir)
+
+
+def _train_digits_teacher(config: ml_collections.ConfigDict, teacher_dir: str, mesh) -> None:
+    from dfkd_jax.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
+    from dfkd_jax.supervised import train_classifier
+
+    train, _ = load_digits_split(image_size=config.data.image_shape[0])
+    spec = NetworkSpec(config.teacher.arch, 10, dict(config.teacher.options), mean=DIGITS_MEAN, std=DIGITS_STD)
+    print(f"training the embedded teacher: {spec.arch} on {train.description}", file=sys.stderr)
+    variables = train_classifier(spec, train, epochs=config.teacher.train_epochs,
+                                 batch_size=config.teacher.train_batch_size,
+                                 learning_rate=config.teacher.train_lr, seed=config.seed, mesh=mesh, flip=False)
+    save_network(teacher_dir, spec, variables, {"trained_on": train.description,
+                                                "epochs": config.teacher.train_epochs})
