@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from tqdm import tqdm
 
 from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers
@@ -66,9 +67,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     key = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init_state, key)
     store = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    progress_record = {"best_top1": 0.0, "budget": {}, "history": []}
+    progress_record = {"best_top1": 0.0, "budget": {}, "history": [], "config": _flat_config(config)}
     if store.latest_epoch() is not None:
-        state, progress_record = store.restore(store.latest_epoch(), abstract_state, mesh)
+        # Compare configs before restoring: a changed network would otherwise fail deep inside orbax.
+        _check_same_run(store.metadata(store.latest_epoch()).get("config", {}), progress_record["config"], workdir)
+        state, saved_record = store.restore(store.latest_epoch(), abstract_state, mesh)
+        progress_record |= {k: v for k, v in saved_record.items() if k != "config"}
         print(f"resuming from {store.directory} after epoch {store.latest_epoch()}", file=sys.stderr)
     else:
         state = jax.jit(init_state, out_shardings=parallel.state_shardings(abstract_state, mesh))(key)
@@ -88,8 +92,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     + plan.kd_steps * config.student.batch_size) for plan in plans[start_epoch:])
     progress = tqdm(total=total_work, unit="img", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                     disable=jax.process_index() != 0 or not config.progress)
-    shown: dict = {}
-
     def on_step(images: int, metrics: dict) -> None:
         on_step.calls += 1
         if on_step.calls % 10 == 0:  # wait for the device now and then so the bar shows real progress
@@ -151,6 +153,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             json.dump(summary, f, indent=2)
         print("\n" + reporting.table([(k, str(v)) for k, v in summary.items()], f"{method.name} summary"))
     return summary
+
+
+# Fields that may change between a run and its resumption (they do not shape the train state).
+RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "schedule.epochs", "teacher.dir", "teacher.torch_file")
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict:
+    """{"student.lr": 0.1, ...}, JSON-normalised (tuples become lists) so saved and current compare equal."""
+    return json.loads(json.dumps(traverse_util.flatten_dict(config.to_dict(), sep=".")))
+
+
+def _check_same_run(saved: dict, current: dict, workdir: str) -> None:
+    changed = sorted(k for k in saved.keys() | current.keys()
+                     if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:10])
+        raise ValueError(f"{workdir} holds a run with a different config ({details}). Pass another --workdir to "
+                         "start a new run, or restore those values to resume this one.")
 
 
 def _student_parts(config: ml_collections.ConfigDict, teacher: Network):

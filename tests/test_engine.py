@@ -191,3 +191,9 @@ def test_a_run_leaves_config_metrics_tensorboard_images_and_a_summary(teacher_di
     assert summary["student_steps"] == 2 * 3
     assert summary["relative_accuracy"] == pytest.approx(
         100 * summary["student_top1"] / summary["teacher_top1"], abs=0.01)
+
+    # The workdir now holds a finished run: a different config is refused instead of mixed in.
+    changed = tiny_config("nayer", teacher_dir)
+    changed.student.arch = "wrn_16_2"
+    with pytest.raises(ValueError, match=r"different config \(student.arch: 'wrn_16_1' -> 'wrn_16_2'\)"):
+        train_and_evaluate(changed, str(workdir))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -102,3 +104,24 @@ def test_uint8_images_are_refused_rather_than_misread():
     network, variables = Network.create(NetworkSpec("resnet20", 10))
     with pytest.raises(TypeError, match="divide uint8 pixels by 255"):
         network.apply(variables, np.zeros((1, 32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, cin, cout", [
+    (3, 1, 1, 16, 16), (3, 2, 1, 16, 32), (1, 2, 0, 16, 32), (1, 1, 0, 8, 4), (3, 1, 1, 3, 8), (3, 2, 1, 5, 7)])
+def test_gemm_weight_gradient_equals_xla_autodiff(kernel, stride, padding, cin, cout):
+    from dfkd_jax.models import conv
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 9, 10, cin)).astype(np.float32)  # odd, unequal sizes exercise stride/padding edges
+    w = (0.2 * rng.standard_normal((kernel, kernel, cin, cout))).astype(np.float32)
+    pad = ((padding, padding), (padding, padding))
+    target = rng.standard_normal(np.shape(conv._xla_conv(x, w, stride, pad))).astype(np.float32)
+
+    def loss(conv_fn, x, w):
+        return jnp.sum((conv_fn(x, w, stride, pad) - target) ** 2)
+
+    reference = jax.grad(functools.partial(loss, conv._xla_conv), argnums=(0, 1))(x, w)
+    gemm = jax.jit(jax.grad(functools.partial(loss, conv._conv_gemm_weight_grad), argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(gemm[0], reference[0], rtol=1e-5, atol=1e-5)  # input gradient: XLA's own
+    np.testing.assert_allclose(gemm[1], reference[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conv._conv_gemm_weight_grad(x, w, stride, pad), conv._xla_conv(x, w, stride, pad))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfkd_jax.models.conv import Conv
 from dfkd_jax.models.layers import BatchNorm
 
 # PyTorch's default Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias likewise.
@@ -39,10 +40,9 @@ def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.
                       bias_init=_torch_default_bias_init(in_features), rngs=rngs)
 
 
-def torch_conv3x3(in_channels: int, out_channels: int, *, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                    kernel_init=torch_default_kernel_init, bias_init=_torch_default_bias_init(in_channels * 9),
-                    rngs=rngs)
+def torch_conv3x3(in_channels: int, out_channels: int, *, use_bias: bool, rngs: nnx.Rngs) -> Conv:
+    return Conv(in_channels, out_channels, 3, padding=1, use_bias=use_bias, kernel_init=torch_default_kernel_init,
+                bias_init=_torch_default_bias_init(in_channels * 9), rngs=rngs)
 
 
 def upsample_nearest_2x(x_bhwc: jax.Array) -> jax.Array:

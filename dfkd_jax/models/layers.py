@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfkd_jax.models.conv import Conv
+
 # PyTorch's conv weight init in the CIFAR zoos (kaiming_normal_, mode='fan_out', nonlinearity='relu').
 conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
@@ -13,24 +15,27 @@ linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform
 
 
 def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, use_bias: bool = False,
-            rngs: nnx.Rngs) -> nnx.Conv:
-    # Explicit (1, 1) padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch's padding=1.
-    return nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
-                    use_bias=use_bias, kernel_init=conv_init, rngs=rngs)
+            rngs: nnx.Rngs) -> Conv:
+    # Explicit (1, 1) padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch's padding=1. PyTorch's
+    # default bias init for the VGG convs: U(±1/sqrt(fan_in)).
+    return Conv(in_channels, out_channels, 3, stride=stride, padding=1, use_bias=use_bias, kernel_init=conv_init,
+                bias_init=symmetric_uniform(1.0 / (9 * in_channels) ** 0.5), rngs=rngs)
 
 
-def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, padding="VALID",
-                    use_bias=False, kernel_init=conv_init, rngs=rngs)
+def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1, rngs: nnx.Rngs) -> Conv:
+    return Conv(in_channels, out_channels, 1, stride=stride, kernel_init=conv_init, rngs=rngs)
+
+
+def symmetric_uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    bound = 1.0 / in_features ** 0.5
-
-    def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return nnx.Linear(in_features, out_features, kernel_init=linear_init, bias_init=bias_init, rngs=rngs)
+    return nnx.Linear(in_features, out_features, kernel_init=linear_init,
+                      bias_init=symmetric_uniform(1.0 / in_features ** 0.5), rngs=rngs)
 
 
 def global_avg_pool(x_bhwc: jax.Array) -> jax.Array:
