@@ -1,7 +1,9 @@
 """DFAD (Fang et al., 2019): a generator and the student play an adversarial game on the L1 gap of their logits.
 
     python -m dfkd_jax.main --config=configs/dfad.py                  # embedded default: digits
+        # expected (2 CPU cores, fresh workdir): student 78.9% (teacher 99.3%), 3m48s
     python -m dfkd_jax.main --config=configs/dfad.py:cifar10,budget=cpu20
+        # expected: resnet20 11.3% (near chance; see README), 21m
     python -m dfkd_jax.main --config=configs/dfad.py:cifar10          # 200 epochs
 
 Defaults: CMI's scripts/dfad_cifar10.sh (DCGAN-small with nz = 256, Adam 1e-3 (0.5, 0.999), per epoch 80 × (1
@@ -15,7 +17,7 @@ from dfkd_jax import presets
 DEFAULTS = dict(
     synthesis=dict(batch_size=256, nz=256, ngf=64, g_steps=1, lr=1e-3, betas=(0.5, 0.999), ce_weight=0.0,
                    activation_weight=0.0, balance_weight=0.0, balance_log_base=0.0, adv_weight=1.0,
-                   adversarial="l1", bn_weight=0.0),
+                   adversarial="l1", bn_weight=0.0, standardise_output=False),
     schedule=dict(epochs=200, warmup=0, kd_steps=5, cycles=80),
     student=dict(batch_size=256, lr=0.1, schedule="multistep", milestones=(0.6, 0.75, 0.9), temperature=1.0,
                  loss="l1"),
@@ -26,8 +28,10 @@ BUDGETS = {
     # About 20 minutes on 2 CPU cores (akamaster resnet56 -> resnet20).
     "cpu20": dict(synthesis=dict(batch_size=128), schedule=dict(epochs=8, cycles=10),
                   student=dict(batch_size=128)),
-    "digits": dict(synthesis=dict(batch_size=128, ngf=32), schedule=dict(epochs=10, cycles=16),
-                   student=dict(batch_size=128), eval=dict(every_epochs=2)),
+    # A constant learning rate: with the step decay the generator finds a region the slowed student no longer
+    # follows (measured: 90% at epoch 6, 38% at epoch 10).
+    "digits": dict(synthesis=dict(batch_size=128, ngf=32), schedule=dict(epochs=8, cycles=10),
+                   student=dict(batch_size=128, schedule="constant"), eval=dict(every_epochs=2)),
 }
 
 

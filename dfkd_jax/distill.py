@@ -46,30 +46,47 @@ def make_optimizer(student: ml_collections.ConfigDict, kd_steps_per_epoch: int, 
     return optimizer, schedule
 
 
-def make_distill_step(method: Method, teacher: Network, student: Network, optimizer: optax.GradientTransformation,
-                      schedule: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """(state, teacher_variables) -> (state, measurements), jitted once, state donated."""
+def make_kd_update(teacher: Network, student: Network, optimizer: optax.GradientTransformation,
+                   student_loss: Callable) -> Callable:
+    """The pure core of a student step on a given batch: (student variables, optimizer state, images, teacher
+    variables, batch) -> (variables, optimizer state, loss, measurements). `student_loss(student_out, teacher_out,
+    batch)` is the method's. The benchmark and the PyTorch parity tests call it directly."""
 
-    def distill_step(state: State, teacher_variables: dict) -> tuple[State, dict]:
-        rng, batch_key = jax.random.split(state["rng"])
-        batch = method.student_batch(state["synth"], batch_key)
-        images = jax.lax.with_sharding_constraint(batch["images"], parallel.batch_sharded(mesh))
+    def kd_update(student_variables: dict, opt_state, images: jax.Array, teacher_variables: dict,
+                  batch: dict | None = None):
         teacher_out, _ = teacher.apply(teacher_variables, images, train=False)
         teacher_out = jax.lax.stop_gradient(teacher_out)
 
         def loss_fn(params):
             student_out, batch_stats = student.apply(
-                {"params": params, "batch_stats": state["student"]["batch_stats"]}, images, train=True)
-            loss, terms = method.student_loss(student_out, teacher_out, batch)
+                {"params": params, "batch_stats": student_variables["batch_stats"]}, images, train=True)
+            loss, terms = student_loss(student_out, teacher_out, batch)
             return loss, (student_out, batch_stats, terms)
 
-        params = state["student"]["params"]
+        params = student_variables["params"]
         (loss, (student_out, batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, state["student_opt"], params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
         agreement = jnp.mean(jnp.argmax(student_out.logits, -1) == jnp.argmax(teacher_out.logits, -1))
-        new_state = state | {"rng": rng, "student_opt": opt_state, "kd_step": state["kd_step"] + 1,
-                             "student": {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}}
-        metrics = {"kd/loss": loss, "kd/agreement": agreement, "kd/lr": schedule(state["kd_step"]), **terms}
+        new_variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
+        return new_variables, opt_state, loss, {"kd/agreement": agreement, **terms}
+
+    return kd_update
+
+
+def make_distill_step(method: Method, teacher: Network, student: Network, optimizer: optax.GradientTransformation,
+                      schedule: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """(state, teacher_variables) -> (state, measurements), jitted once, state donated."""
+    kd_update = make_kd_update(teacher, student, optimizer, method.student_loss)
+
+    def distill_step(state: State, teacher_variables: dict) -> tuple[State, dict]:
+        rng, batch_key = jax.random.split(state["rng"])
+        batch = method.student_batch(state["synth"], batch_key)
+        images = jax.lax.with_sharding_constraint(batch["images"], parallel.batch_sharded(mesh))
+        student_variables, opt_state, loss, terms = kd_update(state["student"], state["student_opt"], images,
+                                                              teacher_variables, batch)
+        new_state = state | {"rng": rng, "student": student_variables, "student_opt": opt_state,
+                             "kd_step": state["kd_step"] + 1}
+        metrics = {"kd/loss": loss, "kd/lr": schedule(state["kd_step"]), **terms}
         return parallel.constrain_state(new_state, mesh), metrics
 
     return jax.jit(distill_step, donate_argnums=0)

@@ -17,7 +17,7 @@ SHARED = "../shared"
 
 TEACHERS: dict[str, dict[str, Any]] = {
     # The embedded default: trained by the project on scikit-learn's digits on first use (no files needed).
-    "digits_resnet20": dict(source="digits", arch="resnet20", options={"shortcut": "A"}, train_epochs=15,
+    "digits_resnet20": dict(source="digits", arch="resnet20", options={"shortcut": "A"}, train_epochs=8,
                             train_batch_size=64, train_lr=0.1),
     **{f"akamaster_resnet{d}": dict(source="torch", torch_file=f"{SHARED}/teachers/akamaster/resnet{d}-{tag}.th",
                                     arch=f"resnet{d}", normalisation="imagenet", options={})

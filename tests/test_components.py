@@ -27,7 +27,7 @@ from dfkd_jax.distill import learning_rate_at_epoch, make_optimizer
 from dfkd_jax.methods.base import class_balanced_targets, label_embedding
 from dfkd_jax.models.generators import Generator, reinit_noisy_layer
 
-from tests import torch_reference
+from benchmarks import torch_models as torch_reference
 
 torch.set_num_threads(2)
 

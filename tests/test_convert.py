@@ -19,7 +19,7 @@ from dfkd_jax.evaluate import evaluate
 from dfkd_jax.models import IMAGENET_MEAN, IMAGENET_STD, CIFAR10_MEAN, CIFAR10_STD, Network
 from dfkd_jax.network_io import load_network
 
-from tests import torch_reference
+from benchmarks import torch_models as torch_reference
 from tests.conftest import REPO
 
 torch.set_num_threads(2)

@@ -68,38 +68,49 @@ class DeepInversion(Method):
                                   "best_loss": jnp.full((), jnp.inf, jnp.float32)}
         return self.constrain(state | {"rng": rng, "synth": synth})
 
-    def _pixel_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
+    def pixel_loss(self, pixels: dict, targets: jax.Array, jitter: augment.JitterFlip, teacher_variables: dict,
+                   student_variables: dict) -> tuple[jax.Array, dict]:
+        """BN + CE + adv + TV + L2 of the normalised `pixels` seen through the jitter/flip draw `jitter`."""
         weights = self.config.synthesis
-        rng, jitter_key = jax.random.split(state["rng"])
-        synth = state["synth"]
+        normalised = pixels["pixels"]
+        augmented = self.to_images(augment.jitter_flip(normalised, jitter))
+        teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
+        terms = {"synthesis/bn": losses.bn_statistics_loss(teacher_out.bn_inputs)[0],
+                 "synthesis/ce": losses.cross_entropy(teacher_out.logits, targets),
+                 "synthesis/tv": losses.total_variation(normalised),
+                 "synthesis/l2": losses.l2_prior(normalised)}
+        loss = (weights.bn_weight * terms["synthesis/bn"] + weights.ce_weight * terms["synthesis/ce"]
+                + weights.tv_weight * terms["synthesis/tv"] + weights.l2_weight * terms["synthesis/l2"])
+        if weights.adv_weight > 0:
+            student_out, _ = self.student.apply(student_variables, augmented, train=False)
+            terms["synthesis/adv"] = losses.adversarial_js(student_out.logits, teacher_out.logits,
+                                                           weights.adv_temperature)
+            loss = loss + weights.adv_weight * terms["synthesis/adv"]
+        return loss, terms
 
-        def loss_fn(pixels):
-            normalised = pixels["pixels"]
-            augmented = self.to_images(augment.random_jitter_flip(normalised, jitter_key))
-            teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
-            terms = {"synthesis/bn": losses.bn_statistics_loss(teacher_out.bn_inputs)[0],
-                     "synthesis/ce": losses.cross_entropy(teacher_out.logits, synth["targets"]),
-                     "synthesis/tv": losses.total_variation(normalised),
-                     "synthesis/l2": losses.l2_prior(normalised)}
-            loss = (weights.bn_weight * terms["synthesis/bn"] + weights.ce_weight * terms["synthesis/ce"]
-                    + weights.tv_weight * terms["synthesis/tv"] + weights.l2_weight * terms["synthesis/l2"])
-            if weights.adv_weight > 0:
-                student_out, _ = self.student.apply(state["student"], augmented, train=False)
-                terms["synthesis/adv"] = losses.adversarial_js(student_out.logits, teacher_out.logits,
-                                                               weights.adv_temperature)
-                loss = loss + weights.adv_weight * terms["synthesis/adv"]
-            return loss, terms
-
-        pixels = synth["pixels"]
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(pixels)
-        updates, opt_state = self.optimizer.update(grads, synth["pixel_opt"], pixels)
+    def pixel_update(self, pixels: dict, pixel_opt, targets: jax.Array, jitter: augment.JitterFlip,
+                     teacher_variables: dict, student_variables: dict):
+        """One Adam step on the pixels with explicit draws, then the clip to valid images: the core of a
+        DeepInversion step (the benchmark and the PyTorch parity tests call it directly). Returns (pixels, opt
+        state, loss, terms, the images before the step)."""
+        (loss, terms), grads = jax.value_and_grad(self.pixel_loss, has_aux=True)(
+            pixels, targets, jitter, teacher_variables, student_variables)
+        updates, pixel_opt = self.optimizer.update(grads, pixel_opt, pixels)
         # Clip to the normalised images of [0, 1] pixels (upstream `clip_images`).
         new_pixels = {"pixels": jnp.clip(optax.apply_updates(pixels, updates)["pixels"],
                                          -self.mean / self.std, (1 - self.mean) / self.std)}
+        return new_pixels, pixel_opt, loss, terms, self.to_images(pixels["pixels"])
+
+    def _pixel_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
+        rng, jitter_key = jax.random.split(state["rng"])
+        synth = state["synth"]
+        pixels, pixel_opt, loss, terms, images = self.pixel_update(
+            synth["pixels"], synth["pixel_opt"], synth["targets"], augment.jitter_flip_params(jitter_key),
+            teacher_variables, state["student"])
         better = loss < synth["best_loss"]
-        synth = synth | {"pixels": new_pixels, "pixel_opt": opt_state,
+        synth = synth | {"pixels": pixels, "pixel_opt": pixel_opt,
                          "best_loss": jnp.where(better, loss, synth["best_loss"]),
-                         "best_images": jnp.where(better, self.to_images(pixels["pixels"]), synth["best_images"])}
+                         "best_images": jnp.where(better, images, synth["best_images"])}
         return self.constrain(state | {"rng": rng, "synth": synth}), {"synthesis/loss": loss, **terms}
 
     def _end_round(self, state: State) -> tuple[State, dict]:

@@ -19,6 +19,7 @@ import optax
 from dfkd_jax import losses
 from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
 from dfkd_jax.models.generators import Generator
+from dfkd_jax.models.layers import batch_moments
 
 ADVERSARIAL = {"l1": losses.adversarial_l1, "masked_kl": losses.adversarial_masked_kl}
 STUDENT_LOSSES = ("kl", "l1")
@@ -40,7 +41,9 @@ class GenerativeAdversarial(Method):
                                              image_size=self.image_shape[0], channels=self.image_shape[2])
         self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
         self.generator_step = jax.jit(self._generator_step, donate_argnums=0)
-        self._preview_images = jax.jit(lambda variables, z: self.generator.apply(variables, z, train=True)[0])
+        self.mean = jnp.asarray(teacher.spec.mean, jnp.float32)
+        self.std = jnp.asarray(teacher.spec.std, jnp.float32)
+        self._preview_images = jax.jit(lambda variables, z: self.generate(variables, z)[0])
 
     def init(self, key: jax.Array) -> dict:
         variables = self.generator.init(key)
@@ -63,6 +66,20 @@ class GenerativeAdversarial(Method):
     def _noise(self, key: jax.Array, batch: int) -> jax.Array:
         return self.batch_constraint(jax.random.normal(key, (batch, self.config.synthesis.nz)))
 
+    def generate(self, variables: dict, z: jax.Array) -> tuple[jax.Array, dict]:
+        """Images (in [0, 1] space, before the teacher's normalisation) and the generator's new batch statistics.
+
+        With `synthesis.standardise_output` (DAFL) each channel of the batch is standardised as DAFL's generator
+        does with its last layer, BatchNorm2d(affine=False) in train mode, and the teacher sees those standardised
+        images as its normalised input: without it the fresh generator's near-identical samples all land in one
+        class and DAFL's class-balance term has no gradient to escape with (measured: chance accuracy)."""
+        images, batch_stats = self.generator.apply(variables, z, train=True)
+        images = self.batch_constraint(images)
+        if self.config.synthesis.standardise_output:
+            mean, var = batch_moments(images)
+            images = (images - mean) * jax.lax.rsqrt(var + 1e-5) * self.std + self.mean
+        return images, batch_stats
+
     def _generator_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
         weights = self.config.synthesis
         rng, noise_key = jax.random.split(state["rng"])
@@ -70,9 +87,7 @@ class GenerativeAdversarial(Method):
         z = self._noise(noise_key, self.batch)
 
         def loss_fn(params):
-            images, batch_stats = self.generator.apply(
-                {"params": params, "batch_stats": synth["generator"]["batch_stats"]}, z, train=True)
-            images = self.batch_constraint(images)
+            images, batch_stats = self.generate({"params": params, "batch_stats": synth["generator"]["batch_stats"]}, z)
             teacher_out, _ = self.teacher.apply(teacher_variables, images, train=False)
             terms, loss = {}, 0.0
             if weights.ce_weight:
@@ -106,8 +121,7 @@ class GenerativeAdversarial(Method):
                 {"synthesis/loss": loss, **terms})
 
     def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        images, _ = self.generator.apply(synth["generator"], self._noise(key, self.config.student.batch_size),
-                                         train=True)
+        images, _ = self.generate(synth["generator"], self._noise(key, self.config.student.batch_size))
         return {"images": jax.lax.stop_gradient(images)}
 
     def student_loss(self, student_out, teacher_out, batch):

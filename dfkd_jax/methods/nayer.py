@@ -116,40 +116,54 @@ class Nayer(Method):
                          "generator_opt": self.optimizer.init(params), "round": round_state}
         return self.constrain(state | {"rng": rng, "synth": synth})
 
-    def _generator_step(self, state: State, teacher_variables: dict, *, adversarial: bool) -> tuple[State, dict]:
+    def generator_loss(self, params, batch_stats, targets: jax.Array, crop: augment.CropFlip, bn_ema: dict,
+                       teacher_variables: dict, student_variables: dict, *, adversarial: bool):
+        """10·BN + 0.5·CE + 1.33·adv of the batch the generator makes for `targets`, seen through the crop/flip
+        draw `crop`. Returns (loss, (images, batch_stats, moments, terms))."""
         weights = self.config.synthesis
+        embeddings = self.batch_constraint(self.embeddings[targets])
+        images, batch_stats = self.generator.apply({"params": params, "batch_stats": batch_stats}, embeddings,
+                                                   train=True)
+        images = self.batch_constraint(images)
+        augmented = augment.crop_flip(images, crop)
+        teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
+        bn, moments = losses.bn_statistics_loss(teacher_out.bn_inputs, bn_ema, weights.bn_momentum)
+        ce = losses.cross_entropy(teacher_out.logits, jax.nn.one_hot(targets, self.num_classes))
+        terms = {"synthesis/bn": bn, "synthesis/ce": ce}
+        if adversarial:
+            student_out, _ = self.student.apply(student_variables, augmented, train=False)
+            terms["synthesis/adv"] = losses.adversarial_masked_kl(student_out.logits, teacher_out.logits)
+        loss = weights.bn_weight * bn + weights.ce_weight * ce + weights.adv_weight * terms.get("synthesis/adv", 0.0)
+        return loss, (images, batch_stats, moments, terms)
+
+    def generator_update(self, generator_variables: dict, generator_opt, targets: jax.Array,
+                         crop: augment.CropFlip, bn_ema: dict, teacher_variables: dict, student_variables: dict, *,
+                         adversarial: bool):
+        """One Adam step of the generator on explicit inputs, the core of a NAYER step (the benchmark and the
+        PyTorch parity tests call it with fixed draws). Returns (variables, opt state, loss, terms, images made
+        before the update, BN-input moments)."""
+        params = generator_variables["params"]
+        (loss, (images, batch_stats, moments, terms)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
+            params, generator_variables["batch_stats"], targets, crop, bn_ema, teacher_variables, student_variables,
+            adversarial=adversarial)
+        updates, generator_opt = self.optimizer.update(grads, generator_opt, params)
+        generator_variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
+        return generator_variables, generator_opt, loss, terms, images, moments
+
+    def _generator_step(self, state: State, teacher_variables: dict, *, adversarial: bool) -> tuple[State, dict]:
         rng, augment_key = jax.random.split(state["rng"])
         synth = state["synth"]
-        targets = synth["round"]["targets"]
-        embeddings = self.batch_constraint(self.embeddings[targets])
-
-        def loss_fn(params):
-            images, batch_stats = self.generator.apply(
-                {"params": params, "batch_stats": synth["generator"]["batch_stats"]}, embeddings, train=True)
-            images = self.batch_constraint(images)
-            augmented = augment.random_crop_flip(images, augment_key)
-            teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
-            bn, moments = losses.bn_statistics_loss(teacher_out.bn_inputs, synth["bn_ema"], weights.bn_momentum)
-            ce = losses.cross_entropy(teacher_out.logits, jax.nn.one_hot(targets, self.num_classes))
-            terms = {"synthesis/bn": bn, "synthesis/ce": ce}
-            if adversarial:
-                student_out, _ = self.student.apply(state["student"], augmented, train=False)
-                terms["synthesis/adv"] = losses.adversarial_masked_kl(student_out.logits, teacher_out.logits)
-            loss = weights.bn_weight * bn + weights.ce_weight * ce + weights.adv_weight * terms.get(
-                "synthesis/adv", 0.0)
-            return loss, (images, batch_stats, moments, terms)
-
-        params = synth["generator"]["params"]
-        (loss, (images, batch_stats, moments, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, synth["generator_opt"], params)
         round_state = synth["round"]
+        crop = augment.crop_flip_params(augment_key, self.batch)
+        generator, generator_opt, loss, terms, images, moments = self.generator_update(
+            synth["generator"], synth["generator_opt"], round_state["targets"], crop, synth["bn_ema"],
+            teacher_variables, state["student"], adversarial=adversarial)
         better = loss < round_state["best_loss"]  # upstream keeps the batch made before the update
         round_state = round_state | {
             "best_loss": jnp.where(better, loss, round_state["best_loss"]),
             "best_images": jnp.where(better, jax.lax.stop_gradient(images), round_state["best_images"]),
             "last_moments": moments}
-        synth = synth | {"generator": {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats},
-                         "generator_opt": opt_state, "round": round_state}
+        synth = synth | {"generator": generator, "generator_opt": generator_opt, "round": round_state}
         return self.constrain(state | {"rng": rng, "synth": synth}), {"synthesis/loss": loss, **terms}
 
     def _end_round(self, state: State) -> tuple[State, dict]:
