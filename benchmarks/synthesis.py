@@ -153,10 +153,6 @@ def build_cases(args, batch: int, impls: list[str]) -> dict[str, Callable[[], Ca
     return factories
 
 
-def _cast(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def _jax_case(args, batch, teacher_net, teacher_variables, student_net, student_variables) -> Case:
     from benchmarks import pairs
     from dfkd_jax import augment, distill, losses, parallel
@@ -213,17 +209,21 @@ def _jax_case(args, batch, teacher_net, teacher_variables, student_net, student_
 
         carry = (student_variables, optimizer.init(student_variables["params"]))
 
-    if args.dtype == "bfloat16":  # the frozen teacher runs in bfloat16; trained weights stay float32
-        teacher_variables = _cast(teacher_variables, jnp.bfloat16)
+    # bfloat16: matrix products and convolutions take bfloat16 inputs with float32 accumulation (the JAX analogue of
+    # the PyTorch side's autocast); parameters, optimizer states and losses stay float32. float32: full float32 on
+    # both sides (no TF32 on GPUs: the PyTorch side turns cuDNN's off too).
+    precision = jax.default_matmul_precision("bfloat16" if args.dtype == "bfloat16" else "highest")
     jitted = jax.jit(step, donate_argnums=0)
-    flops = xla_flops(jitted, carry, key, teacher_variables, student_variables)
+    with precision:
+        flops = xla_flops(jitted, carry, key, teacher_variables, student_variables)
     state = {"carry": carry, "key": key}
 
     def run(n):
         loss = None
-        for _ in range(n):
-            state["key"], step_key = jax.random.split(state["key"])
-            state["carry"], loss = jitted(state["carry"], step_key, teacher_variables, student_variables)
+        with precision:
+            for _ in range(n):
+                state["key"], step_key = jax.random.split(state["key"])
+                state["carry"], loss = jitted(state["carry"], step_key, teacher_variables, student_variables)
         if loss is not None:
             loss.block_until_ready()
 
@@ -421,6 +421,7 @@ def main(argv=None) -> dict:
     if "torch" in args.impls:
         import torch
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     peaks = {impl: gemm_peak(impl) for impl in args.impls}
     by_batch = {}
     for batch in args.batches:
