@@ -101,11 +101,11 @@ def bn_hooks(network: nn.Module, mmt_rate: float = 0.0) -> list[DeepInversionHoo
     return [DeepInversionHook(m, mmt_rate) for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def kldiv(logits, targets, temperature=1.0, reduction="batchmean"):
+def kldiv(logits, targets, T=1.0, reduction="batchmean"):
     """Upstream `datafree.criterions.kldiv`."""
-    q = F.log_softmax(logits / temperature, dim=1)
-    p = F.softmax(targets / temperature, dim=1)
-    return F.kl_div(q, p, reduction=reduction) * (temperature ** 2)
+    q = F.log_softmax(logits / T, dim=1)
+    p = F.softmax(targets / T, dim=1)
+    return F.kl_div(q, p, reduction=reduction) * (T * T)
 
 
 def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
@@ -212,7 +212,7 @@ class KDStep:
         with torch.no_grad():
             t_out = self.teacher(images)
         s_out = self.student(images.detach())
-        loss = kldiv(s_out, t_out.detach(), temperature=self.temperature)
+        loss = kldiv(s_out, t_out.detach(), T=self.temperature)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import torch_steps
 from dfkd_jax import losses, parallel
 from dfkd_jax.models import BNInput
 
@@ -57,20 +58,8 @@ def _compare_with_torch(jax_fn, torch_fn, *inputs, atol=ATOL, grads_of=None):
 
 # ------------------------------------------------------------------------ upstream code, as upstream writes it
 
-def torch_kldiv(logits, targets, T=1.0, reduction="batchmean"):  # CMI / Fast / NAYER datafree/criterions.py
-    q = F.log_softmax(logits / T, dim=1)
-    p = F.softmax(targets / T, dim=1)
-    return F.kl_div(q, p, reduction=reduction) * (T * T)
-
-
-def torch_jsdiv(logits, targets, T=1.0, reduction="batchmean"):
-    P = F.softmax(logits / T, dim=1)
-    Q = F.softmax(targets / T, dim=1)
-    M = 0.5 * (P + Q)
-    P = torch.clamp(P, 0.01, 0.99)
-    Q = torch.clamp(Q, 0.01, 0.99)
-    M = torch.clamp(M, 0.01, 0.99)
-    return 0.5 * F.kl_div(torch.log(P), M, reduction=reduction) + 0.5 * F.kl_div(torch.log(Q), M, reduction=reduction)
+# The same functions the benchmarks' PyTorch reference uses (benchmarks/torch_steps.py), copied from upstream.
+torch_kldiv, torch_jsdiv = torch_steps.kldiv, torch_steps.jsdiv
 
 
 def torch_adv_masked_kl(s_out, t_out):  # NAYER / CMI generator step
