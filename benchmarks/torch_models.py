@@ -279,9 +279,10 @@ ZOO = {
 
 
 def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics, so a swapped mean/var or scale/bias shows."""
+    """Non-trivial BN affine parameters and running statistics (every BN, 1-D and 2-D), so a swapped mean/var or
+    scale/bias shows."""
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=generator))
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=generator))

@@ -27,6 +27,7 @@ from dfkd_jax.distill import learning_rate_at_epoch, make_optimizer
 from dfkd_jax.methods.base import class_balanced_targets, label_embedding
 from dfkd_jax.models.generators import Generator, reinit_noisy_layer
 
+from benchmarks import pairs
 from benchmarks import torch_models as torch_reference
 
 torch.set_num_threads(2)
@@ -314,21 +315,7 @@ def test_optimizer_matches_torch_sgd_with_weight_decay_momentum_and_an_epoch_bou
 # =========================================================================================== generators
 
 def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial affine parameters and running statistics in every BN, 1-D and 2-D."""
-    generator = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=generator))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
-    return model
-
-
-def _state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().to(torch.float32).numpy().copy() for k, v in model.state_dict().items()
-            if not k.endswith("num_batches_tracked")}
+    return torch_reference.randomise_batchnorm(model, torch.Generator().manual_seed(seed))
 
 
 def _assert_trees_close(actual, expected, atol, what):
@@ -341,7 +328,7 @@ def _assert_trees_close(actual, expected, atol, what):
 
 def _check_parity(torch_model, run_torch, generator, abstract, inputs, what):
     """Eval mode (running statistics), then train mode (batch statistics and the running-statistics update)."""
-    variables = convert.state_dict_to_variables(_state_dict_numpy(torch_model), abstract, f"the {what} generator")
+    variables = convert.state_dict_to_variables(pairs.state_dict_numpy(torch_model), abstract, f"the {what} generator")
     apply = jax.jit(generator.apply, static_argnames="train")
 
     torch_model.eval()
@@ -357,7 +344,7 @@ def _check_parity(torch_model, run_torch, generator, abstract, inputs, what):
         expected = _bhwc(run_torch())
     images, batch_stats = apply(variables, inputs, train=True)
     np.testing.assert_allclose(np.asarray(images), expected, rtol=1e-5, atol=1e-5, err_msg=f"{what} train")
-    updated = convert.state_dict_to_variables(_state_dict_numpy(torch_model), abstract, what)
+    updated = convert.state_dict_to_variables(pairs.state_dict_numpy(torch_model), abstract, what)
     _assert_trees_close(batch_stats, updated["batch_stats"], 1e-6, f"{what} running stats after one train step")
     # The update is not a no-op: the check above would catch a missing one.
     assert not np.allclose(np.asarray(batch_stats["conv_blocks"][0]["var"].get_value()),
