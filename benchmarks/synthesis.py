@@ -31,8 +31,10 @@ import sys
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
+from dfkd_jax import xla_cpu  # before JAX starts a backend: its XLA:CPU flags are part of what is measured
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 IMPLS = ("jax", "torch")
 UNITS = {"nayer": "image-steps/s", "deepinv": "image-steps/s", "kd": "images/s"}
@@ -429,7 +431,8 @@ def main(argv=None) -> dict:
         by_batch[batch] = finish(measure(args, batch, args.impls), max(peaks.values()))
     report = {"method": args.method, "teacher": args.teacher, "arch": args.arch, "student": args.student,
               "dtype": args.dtype, "gemm_peak_flops": peaks, "host": platform.node(), "cpu_count": os.cpu_count(),
-              "jax": jax.__version__, "results": {str(b): r for b, r in by_batch.items()}}
+              "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "xla_cpu_convolutions": "Eigen" if xla_cpu.eigen_convolutions() else "YNNPACK", "results": {str(b): r for b, r in by_batch.items()}}
     if "torch" in args.impls:
         import torch
         report["torch"] = torch.__version__

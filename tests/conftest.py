@@ -5,6 +5,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from dfkd_jax import xla_cpu  # noqa: E402  before any backend exists: the tests run with the XLA:CPU flags users get
+
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,4 +32,6 @@ def exact932(shared):
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices"
+    convolutions = "Eigen" if xla_cpu.eigen_convolutions() else "YNNPACK"
+    return (f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
+            f"CPU convolutions: {convolutions}")

@@ -234,10 +234,11 @@ def torch_pixel_loss(torch_step, targets, shift, flip):
 def test_kd_student_step_matches_pytorch_for_ten_sgd_steps(teacher, student, exact932):
     teacher_raw, spec, teacher_net, teacher_variables = teacher
     student_raw, student_net, student_variables = student
-    # Real test images and lr 0.01: at NAYER's lr 0.2 (τ = 20 multiplies the logit gradient by 20) a 16-image batch
+    # Real test images and lr 0.003: at NAYER's lr 0.2 (τ = 20 multiplies the logit gradient by 20) a 16-image batch
     # makes the loss grow step after step, and the summation-order differences in the BN-bias gradients (1e-6
-    # after one step) grow with it; a stable step keeps the comparison about the step, not about that instability.
-    config = pairs.method_config("nayer", student=dict(schedule="constant", lr=0.01))
+    # after one step) grow with it. Even at lr 0.01 PyTorch disagrees with itself (1 vs 2 threads) by 1.2e-3 after
+    # 10 steps; at 0.003 by 2.1e-4 and at 0.001 by 3.0e-5 (measured), so 0.003 keeps a 1e-3 check about the step.
+    config = pairs.method_config("nayer", student=dict(schedule="constant", lr=0.003))
     optimizer, _ = distill.make_optimizer(config.student, kd_steps_per_epoch=STEPS, distill_epochs=1)
     method = pairs.build_method(config, teacher_net, student_net)  # its student loss: KL at τ = 20
     kd_update = jax.jit(distill.make_kd_update(teacher_net, student_net, optimizer, method.student_loss))
