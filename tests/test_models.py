@@ -125,3 +125,47 @@ def test_gemm_weight_gradient_equals_xla_autodiff(kernel, stride, padding, cin, 
     np.testing.assert_allclose(gemm[0], reference[0], rtol=1e-5, atol=1e-5)  # input gradient: XLA's own
     np.testing.assert_allclose(gemm[1], reference[1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(conv._conv_gemm_weight_grad(x, w, stride, pad), conv._xla_conv(x, w, stride, pad))
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 5, 8), (32, 12)])  # BatchNorm2d on NHWC, BatchNorm1d on (N, C)
+def test_training_batchnorm_value_gradients_and_moments_match_float64_pytorch(shape):
+    """The closed-form gradient of `batch_norm_train`, including the paths through the returned mean and variance
+    (the running statistics use them), against PyTorch's autograd in float64."""
+    import torch
+
+    from dfkd_jax.models.layers import batch_norm_train
+
+    rng = np.random.default_rng(0)
+    channels = shape[-1]
+    x = (rng.standard_normal(shape) + 1.5).astype(np.float32)  # a large mean: the centring must be right
+    scale, bias = (rng.random(channels) + 0.5).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dmean, dvar = rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+
+    (y, mean, var), vjp = jax.vjp(lambda x, s, b: batch_norm_train(x, s, b, 1e-5), x, scale, bias)
+    dx, dscale, dbias = jax.jit(vjp)((dy, dmean, dvar))
+
+    to_torch = functools.partial(torch.tensor, dtype=torch.float64, requires_grad=True)
+    xt = to_torch(np.moveaxis(x, -1, 1))
+    batch_norm = torch.nn.BatchNorm2d(channels) if len(shape) == 4 else torch.nn.BatchNorm1d(channels)
+    batch_norm = batch_norm.double().train()
+    with torch.no_grad():
+        batch_norm.weight.copy_(torch.from_numpy(scale)), batch_norm.bias.copy_(torch.from_numpy(bias))
+    yt = batch_norm(xt)
+    dims = [0] + list(range(2, xt.ndim))
+    mean_t, var_t = xt.mean(dims), xt.var(dims, unbiased=False)
+    objective = ((yt * torch.tensor(np.moveaxis(dy, -1, 1), dtype=torch.float64)).sum()
+                 + (mean_t * torch.tensor(dmean, dtype=torch.float64)).sum()
+                 + (var_t * torch.tensor(dvar, dtype=torch.float64)).sum())
+    dx_t, dscale_t, dbias_t = torch.autograd.grad(objective, [xt, batch_norm.weight, batch_norm.bias])
+
+    def close(actual, expected, what, tolerance=1e-5):
+        expected = expected.detach().numpy()
+        error = np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
+        assert error < tolerance, f"{what}: relative error {error:.1e}"
+    close(y, torch.moveaxis(yt, 1, -1), "y")
+    close(mean, mean_t, "mean")
+    close(var, var_t, "variance")
+    close(dx, torch.moveaxis(dx_t, 1, -1), "∂/∂x")
+    close(dscale, dscale_t, "∂/∂scale")
+    close(dbias, dbias_t, "∂/∂bias")
