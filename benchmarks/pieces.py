@@ -7,7 +7,8 @@ Prints, for JAX (jitted alone) and PyTorch (eager, as `benchmarks/torch_steps.py
 pass in eval mode, its forward pass plus the gradient to the input (what a synthesis step backpropagates through),
 and the student's training-mode forward pass with and without the backward pass to its parameters (what a KD step
 trains), median of `--repeats` after one warm-up. Then a `jax.profiler` trace of `--profile-steps` student forward +
-backward passes, summed per kind of XLA operation (the name without its number), as milliseconds per step.
+backward passes, summed per kind of XLA operation (the name without its number), as milliseconds per step, and
+PyTorch's own profiler over the same passes (self CPU time per operator).
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ def torch_pieces(teacher_raw, student_raw, spec, images, repeats):
     return {name: median_ms(run, repeats) for name, run in pieces.items()}
 
 
+def torch_operation_profile(student_raw, spec, images, steps: int) -> tuple[dict[str, float], float]:
+    """The same for PyTorch: self CPU time per operator (torch.profiler) per student forward + backward."""
+    import torch
+
+    from benchmarks import pairs
+
+    student = pairs.with_normalisation(student_raw, spec).train()
+    x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+    student(x).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        for _ in range(steps):
+            student(x).sum().backward()
+        wall_ms = 1000 * (time.perf_counter() - started) / steps
+    per_operator = {event.key: event.self_cpu_time_total / 1000 / steps for event in profiler.key_averages()}
+    return dict(sorted(per_operator.items(), key=lambda kv: -kv[1])), wall_ms
+
+
 def xla_operation_profile(student, student_variables, images, steps: int) -> tuple[dict[str, float], float]:
     """Milliseconds per student forward + backward, per kind of XLA operation, from a jax.profiler trace; and the
     wall time per traced step."""
@@ -135,11 +154,15 @@ def main(argv=None):
     print("| piece | JAX | PyTorch |\n| --- | --- | --- |")
     for name, ms in jax_ms.items():
         print(f"| {name} | {ms:.0f} ms | {f'{torch_ms[name]:.0f} ms' if name in torch_ms else '–'} |")
-    profile, wall_ms = xla_operation_profile(student, student_variables, images, args.profile_steps)
-    print(f"\nXLA operations in the student's forward + backward, per step ({wall_ms:.0f} ms wall while traced, "
-          f"{sum(profile.values()):.0f} ms in named operations):")
-    for kind, ms in list(profile.items())[:12]:
-        print(f"  {ms:8.1f} ms  {100 * ms / wall_ms:4.1f}% of wall  {kind}")
+    profiles = {"XLA operations": xla_operation_profile(student, student_variables, images, args.profile_steps)}
+    if not args.no_torch:
+        profiles["PyTorch operators (self time)"] = torch_operation_profile(student_raw, spec, images,
+                                                                           args.profile_steps)
+    for what, (profile, wall_ms) in profiles.items():
+        print(f"\n{what} in the student's forward + backward, per step ({wall_ms:.0f} ms wall while traced, "
+              f"{sum(profile.values()):.0f} ms in named operations):")
+        for kind, ms in list(profile.items())[:12]:
+            print(f"  {ms:8.1f} ms  {100 * ms / wall_ms:4.1f}% of wall  {kind}")
 
 
 if __name__ == "__main__":
