@@ -293,6 +293,23 @@ def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Modu
 
 # ------------------------------------------------------------------------- CMI / Fast / NAYER generators
 
+def dcgan_trunk(ngf: int, nc: int) -> nn.Sequential:
+    """The `conv_blocks` both upstream generators spell out (same modules, same state_dict keys)."""
+    return nn.Sequential(
+        nn.BatchNorm2d(ngf * 2),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(ngf * 2),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(ngf),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+        nn.Sigmoid(),
+    )
+
+
 class Generator(nn.Module):
     """CMI / Fast / NAYER "DCGAN-small" generator, as upstream writes it."""
 
@@ -301,19 +318,7 @@ class Generator(nn.Module):
         self.params = (nz, ngf, img_size, nc)
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size ** 2))
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
-            nn.Sigmoid(),
-        )
+        self.conv_blocks = dcgan_trunk(ngf, nc)
 
     def forward(self, z):
         out = self.l1(z)
@@ -337,19 +342,7 @@ class NLGenerator(nn.Module):
         self.n1 = nn.BatchNorm1d(le_size)
         self.le1 = nn.ModuleList([nn.Linear(le_size, le_emb_size) for i in range(self.nle)])
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
-            nn.Sigmoid(),
-        )
+        self.conv_blocks = dcgan_trunk(ngf, nc)
 
     def re_init_le(self):
         for i in range(self.nle):
