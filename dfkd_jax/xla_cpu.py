@@ -49,7 +49,11 @@ def ynn_fusion_types(xla_flags: str) -> tuple[str, ...] | None:
 def eigen_convolutions() -> bool:
     """Whether this process's XLA_FLAGS keep convolutions out of YNNPACK (an explicit list without them)."""
     types = ynn_fusion_types(os.environ.get("XLA_FLAGS", ""))
-    return types is not None and "individual_convolution" not in types
+    if types is None:
+        return False
+    if any(kind.startswith(("+", "-")) for kind in types):  # edits to XLA's default list, which has them
+        return "-individual_convolution" in types
+    return "individual_convolution" not in types
 
 
 def use_eigen_convolutions() -> None:

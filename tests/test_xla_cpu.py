@@ -22,7 +22,9 @@ def test_the_flag_is_added_once_and_a_users_choice_is_kept():
 
 
 @pytest.mark.parametrize("flags, eigen", [("", False), ("--xla_cpu_experimental_ynn_fusion_type=dot", True),
-                                          ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", False)])
+                                          ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", False),
+                                          ("--xla_cpu_experimental_ynn_fusion_type=+dot", False),
+                                          ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", True)])
 def test_convolutions_are_on_eigen_only_when_the_list_leaves_them_out(monkeypatch, flags, eigen):
     monkeypatch.setenv("XLA_FLAGS", flags)
     assert xla_cpu.eigen_convolutions() == eigen
