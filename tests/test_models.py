@@ -169,3 +169,86 @@ def test_training_batchnorm_value_gradients_and_moments_match_float64_pytorch(sh
     close(dx, torch.moveaxis(dx_t, 1, -1), "∂/∂x")
     close(dscale, dscale_t, "∂/∂scale")
     close(dbias, dbias_t, "∂/∂bias")
+
+
+# ------------------------------------------------------------------------------------------- stage outputs
+
+@pytest.mark.parametrize("arch, stage_names, after_relu", [
+    ("resnet20", ["layer1", "layer2", "layer3"], False),
+    ("resnet18", ["layer1", "layer2", "layer3", "layer4"], False),
+    ("wrn_16_2", ["block1", "block2", "block3"], False),
+    # RepDistiller's VGG applies each block's last ReLU outside the block: the stage is relu(block(x)).
+    ("vgg8_bn", ["block0", "block1", "block2", "block3", "block4"], True),
+])
+def test_stage_outputs_are_what_pytorch_hooks_on_each_stage_see(arch, stage_names, after_relu):
+    import torch
+
+    from benchmarks import pairs
+
+    raw, network, variables = pairs.fresh_student(arch, NetworkSpec(arch, 10, mean=(0.5,) * 3, std=(0.25,) * 3))
+    seen = {}
+    for name in stage_names:
+        getattr(raw, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
+    images = np.random.default_rng(1).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        raw.eval()(torch.from_numpy((images.transpose(0, 3, 1, 2) - 0.5) / 0.25))
+    output, _ = jax.jit(lambda v, x: network.apply(v, x, train=False))(variables, images)
+    assert len(output.stages) == len(stage_names)
+    for name, stage in zip(stage_names, output.stages):
+        expected = seen[name].numpy().transpose(0, 2, 3, 1)
+        expected = np.maximum(expected, 0) if after_relu else expected
+        np.testing.assert_allclose(np.asarray(stage), expected, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------- conditional BatchNorm
+
+def test_conditional_batchnorm_is_plain_normalisation_then_per_class_scale_and_shift():
+    from dfkd_jax.models.layers import ConditionalBatchNorm
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, size=(6, 4, 4, 5)).astype(np.float32)
+    labels = np.int32([0, 2, 2, 1, 0, 2])
+    layer = ConditionalBatchNorm(5, 3, epsilon=1e-3)
+    scale = rng.normal(size=(3, 5)).astype(np.float32)
+    bias = rng.normal(size=(3, 5)).astype(np.float32)
+    layer.scale[...], layer.bias[...] = scale, bias
+    y = np.asarray(layer(jnp.asarray(x), jnp.asarray(labels), train=True))
+    # float64 by hand: batch statistics over (N, H, W), biased variance, eps 1e-3, then γ[y], β[y] per sample.
+    x64 = x.astype(np.float64)
+    normalised = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-3)
+    expected = normalised * scale[labels][:, None, None, :] + bias[labels][:, None, None, :]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    # The running statistics move as an affine-free PyTorch BatchNorm's do (momentum 0.1, unbiased variance).
+    count = 6 * 4 * 4
+    np.testing.assert_allclose(np.asarray(layer.norm.var[...]), 0.9 + 0.1 * x64.var((0, 1, 2)) * count / (count - 1),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conditional_dcgan", "cpsc"])
+def test_conditional_generators_follow_the_labels_and_train_only_the_rows_they_use(kind):
+    from dfkd_jax.models.generators import Generator
+
+    generator, variables = Generator.create(kind, 0, num_classes=5, nz=8, ngf=4, image_size=16)
+    # Conditional BN tables start at γ = 1, β = 0 for every class (then all classes look alike): randomise them.
+    rng = np.random.default_rng(1)
+    pure = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(1.0, 0.5, x.shape), x.dtype) if x.ndim == 2 and x.shape[0] == 5 else x,
+        nnx.to_pure_dict(variables["params"]))
+    nnx.replace_by_pure_dict(variables["params"], pure)
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)), jnp.float32)
+    labels = jnp.int32([0, 0, 1, 1, 3, 3])
+    images, _ = generator.apply(variables, z, labels, train=True)
+    assert images.shape == (6, 16, 16, 3)
+    other, _ = generator.apply(variables, z, jnp.int32([2, 2, 1, 1, 3, 3]), train=True)
+    assert not np.allclose(np.asarray(images[:2]), np.asarray(other[:2]))  # another label, another image
+    with pytest.raises(ValueError, match="class-conditional"):
+        generator.apply(variables, z, train=True)
+
+    grads = jax.grad(lambda p: jnp.sum(generator.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                                                       z, labels, train=True)[0] ** 2))(variables["params"])
+    tables = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads))
+              if any(getattr(p, "key", None) in ("embedding", "scale", "bias") for p in path[-1:])
+              and np.ndim(leaf) == 2 and np.shape(leaf)[0] == 5]
+    assert tables, "no per-class table found"
+    for table in tables:  # rows of labels 2 and 4 were not used: no gradient reaches them
+        assert np.all(table[[2, 4]] == 0) and np.any(table[[0, 1, 3]] != 0)

@@ -5,8 +5,13 @@
 - `NayerGenerator` (upstream `NLGenerator`): a per-sample label embedding → BatchNorm1d → the *noisy layer* (one
   Linear per chunk of `chunk` samples, re-initialised N(0, 1) every synthesis round) → Linear → the same trunk.
 
-Both return NHWC images in [0, 1]. The linear projection is reshaped channel-first, as PyTorch's `view(B, C, s, s)`
-does, so converted PyTorch generators produce the same images.
+Class-conditional generators take `(z, labels)` and see the labels at every layer that asks for them:
+- `ConditionalDCGANGenerator`: DCGAN-small fed z ⊙ E[y], E a K×nz label embedding (CGDD, methods.md §6 [decided]).
+- `CPSCGenerator` (CPSC-DFKD, methods.md §5): every BatchNorm is a `ConditionalBatchNorm`, convs have biases, and
+  the output (tanh, then a 3-channel conditional BN) is the teacher's *normalised* input, not an image in [0, 1].
+
+The others return NHWC images in [0, 1]. The linear projection is reshaped channel-first, as PyTorch's
+`view(B, C, s, s)` does, so converted PyTorch generators produce the same images.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfkd_jax.models.conv import Conv
-from dfkd_jax.models.layers import BatchNorm
+from dfkd_jax.models.layers import BatchNorm, ConditionalBatchNorm
 
 # PyTorch's default Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias likewise.
 torch_default_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -64,9 +69,14 @@ def _trunk(ngf: int, channels: int, rngs: nnx.Rngs) -> nnx.List:
     ])
 
 
-def _run(layers: nnx.List, x: jax.Array, train: bool) -> jax.Array:
+def _run(layers: nnx.List, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
     for layer in layers:
-        x = layer(x, train=train) if isinstance(layer, BatchNorm) else layer(x)
+        if isinstance(layer, ConditionalBatchNorm):
+            x = layer(x, labels, train=train)
+        elif isinstance(layer, BatchNorm):
+            x = layer(x, train=train)
+        else:
+            x = layer(x)
     return x
 
 
@@ -83,7 +93,7 @@ class DCGANGenerator(nnx.Module):
         self.l1 = nnx.List([torch_linear(nz, ngf * 2 * self.init_size ** 2, rngs=rngs)])
         self.conv_blocks = _trunk(ngf, channels, rngs)
 
-    def __call__(self, z_bn: jax.Array, *, train: bool = True) -> jax.Array:
+    def __call__(self, z_bn: jax.Array, labels=None, *, train: bool = True) -> jax.Array:
         return _run(self.conv_blocks, _project(self.l1[0], z_bn, self.ngf, self.init_size), train)
 
 
@@ -100,7 +110,7 @@ class NayerGenerator(nnx.Module):
         self.l1 = nnx.List([torch_linear(noisy_size, ngf * 2 * self.init_size ** 2, rngs=rngs)])
         self.conv_blocks = _trunk(ngf, channels, rngs)
 
-    def __call__(self, embeddings_bd: jax.Array, *, train: bool = True) -> jax.Array:
+    def __call__(self, embeddings_bd: jax.Array, labels=None, *, train: bool = True) -> jax.Array:
         batch = embeddings_bd.shape[0]
         if batch > len(self.le1) * self.chunk:
             raise ValueError(f"batch {batch} exceeds the {len(self.le1)} noisy chunks of {self.chunk} samples")
@@ -108,6 +118,51 @@ class NayerGenerator(nnx.Module):
         noisy = jnp.concatenate([self.le1[i](normalised[i * self.chunk:(i + 1) * self.chunk])
                                  for i in range(math.ceil(batch / self.chunk))])
         return _run(self.conv_blocks, _project(self.l1[0], noisy, self.ngf, self.init_size), train)
+
+
+class ConditionalDCGANGenerator(nnx.Module):
+    """DCGAN-small fed z ⊙ E[y]: E is a K×nz label embedding (PyTorch `nn.Embedding`'s N(0, 1) initialisation), the
+    ACGAN-style conditioning methods.md §6 decides for CGDD."""
+
+    def __init__(self, num_classes: int, nz: int = 256, ngf: int = 64, image_size: int = 32, channels: int = 3, *,
+                 rngs: nnx.Rngs):
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.ngf, self.init_size = ngf, image_size // 4
+        self.label_emb = nnx.Embed(num_classes, nz, embedding_init=jax.nn.initializers.normal(1.0), rngs=rngs)
+        self.l1 = nnx.List([torch_linear(nz, ngf * 2 * self.init_size ** 2, rngs=rngs)])
+        self.conv_blocks = _trunk(ngf, channels, rngs)
+
+    def __call__(self, z_bn: jax.Array, labels: jax.Array, *, train: bool = True) -> jax.Array:
+        conditioned = z_bn * self.label_emb(labels)
+        return _run(self.conv_blocks, _project(self.l1[0], conditioned, self.ngf, self.init_size), train)
+
+
+class CPSCGenerator(nnx.Module):
+    """CPSC-DFKD's G(z, y): Linear(nz → 2·ngf·s·s) → CBN → ×2 → conv3×3(2ngf → 2ngf) → CBN → LeakyReLU(0.2) → ×2 →
+    conv3×3(2ngf → ngf) → CBN → LeakyReLU(0.2) → conv3×3(ngf → C) → tanh → CBN(C), every conv with a bias, every
+    CBN a `ConditionalBatchNorm` (epsilon 1e-3 upstream). Returns the teacher's normalised input."""
+
+    def __init__(self, num_classes: int, nz: int = 256, ngf: int = 64, image_size: int = 32, channels: int = 3, *,
+                 epsilon: float = 1e-3, rngs: nnx.Rngs):
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.ngf, self.init_size = ngf, image_size // 4
+
+        def cbn(features):
+            return ConditionalBatchNorm(features, num_classes, epsilon=epsilon)
+
+        self.l1 = nnx.List([torch_linear(nz, ngf * 2 * self.init_size ** 2, rngs=rngs)])
+        self.conv_blocks = nnx.List([
+            cbn(ngf * 2), upsample_nearest_2x,
+            torch_conv3x3(ngf * 2, ngf * 2, use_bias=True, rngs=rngs), cbn(ngf * 2), leaky_relu,
+            upsample_nearest_2x,
+            torch_conv3x3(ngf * 2, ngf, use_bias=True, rngs=rngs), cbn(ngf), leaky_relu,
+            torch_conv3x3(ngf, channels, use_bias=True, rngs=rngs), jnp.tanh, cbn(channels),
+        ])
+
+    def __call__(self, z_bn: jax.Array, labels: jax.Array, *, train: bool = True) -> jax.Array:
+        return _run(self.conv_blocks, _project(self.l1[0], z_bn, self.ngf, self.init_size), train, labels)
 
 
 def reinit_noisy_layer(params: nnx.State, key: jax.Array) -> nnx.State:
@@ -121,12 +176,15 @@ def reinit_noisy_layer(params: nnx.State, key: jax.Array) -> nnx.State:
     return fresh
 
 
-GENERATORS = {"dcgan": DCGANGenerator, "nayer": NayerGenerator}
+GENERATORS = {"dcgan": DCGANGenerator, "nayer": NayerGenerator, "conditional_dcgan": ConditionalDCGANGenerator,
+              "cpsc": CPSCGenerator}
+CONDITIONAL = frozenset({"conditional_dcgan", "cpsc"})  # these need `labels` in `Generator.apply`
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Generator:
-    """A generator as pure functions: `apply(variables, inputs, train)` -> (images, new batch statistics)."""
+    """A generator as pure functions: `apply(variables, inputs, labels, train)` -> (images, new batch statistics).
+    `labels` (B,) int are required by the class-conditional kinds (`CONDITIONAL`) and ignored by the others."""
 
     kind: str
     kwargs: dict[str, Any]
@@ -146,8 +204,15 @@ class Generator:
                                            nnx.Param, nnx.BatchStat)
         return {"params": params, "batch_stats": batch_stats}
 
-    def apply(self, variables: dict, inputs: jax.Array, *, train: bool = True) -> tuple[jax.Array, nnx.State]:
+    @property
+    def conditional(self) -> bool:
+        return self.kind in CONDITIONAL
+
+    def apply(self, variables: dict, inputs: jax.Array, labels: jax.Array | None = None, *,
+              train: bool = True) -> tuple[jax.Array, nnx.State]:
+        if self.conditional and labels is None:
+            raise ValueError(f"the {self.kind!r} generator is class-conditional: pass the labels to generate for")
         # copy=True: fresh Variables owned by this trace, so BatchNorm can update them under jax.grad too.
         model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"], copy=True)
-        images, _ = nnx.capture(model, nnx.Intermediate)(inputs, train=train)
+        images, _ = nnx.capture(model, nnx.Intermediate)(inputs, labels, train=train)
         return images, nnx.state(model, nnx.BatchStat)

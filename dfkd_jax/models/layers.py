@@ -83,6 +83,24 @@ class BatchNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+class ConditionalBatchNorm(nnx.Module):
+    """Class-conditional BatchNorm: BatchNorm without affine parameters, then a per-class scale and shift,
+    y = γ[label] · BN(x) + β[label], from K×C tables initialised to 1 and 0 (CPSC-DFKD's "category feature
+    embedding"; a conditional generator passes the labels it draws for, one per sample)."""
+
+    def __init__(self, num_features: int, num_classes: int, *, momentum: float = 0.1, epsilon: float = 1e-5):
+        self.norm = BatchNorm(num_features, momentum=momentum, epsilon=epsilon, affine=False)
+        self.scale = nnx.Param(jnp.ones((num_classes, num_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_classes, num_features), jnp.float32))
+
+    def __call__(self, x: jax.Array, labels: jax.Array, *, train: bool) -> jax.Array:
+        normalised = self.norm(x, train=train)
+        per_sample = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)  # (B, 1, 1, C) or (B, C)
+        scale = self.scale[...][labels].reshape(per_sample)
+        bias = self.bias[...][labels].reshape(per_sample)
+        return (normalised * scale + bias).astype(x.dtype)
+
+
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and biased variance over every axis but the last (channels), in float32."""
     x = x.astype(jnp.float32)

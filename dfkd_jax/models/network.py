@@ -1,7 +1,8 @@
 """A zoo network as pure functions: a static graph definition plus a pytree of variables.
 
-`Network.apply(variables, images, train=...)` returns the logits, the penultimate feature and the input of every
-BatchNorm layer (with that layer's running statistics) from one forward pass, and the updated batch statistics.
+`Network.apply(variables, images, train=...)` returns the logits, the penultimate feature, the input of every
+BatchNorm layer (with that layer's running statistics) and the output of every stage from one forward pass, and the
+updated batch statistics.
 Images are in [0, 1], NHWC; each network normalises with the statistics it was trained with (`NetworkSpec`).
 """
 
@@ -74,6 +75,9 @@ class Output(NamedTuple):
     logits: jax.Array  # (B, K)
     features: jax.Array  # (B, D), the classifier's input
     bn_inputs: tuple[BNInput, ...]  # one per BatchNorm layer, in module-path order (the stem's BN first)
+    # The output of each residual stage (He ResNet / ResNet `layer{k}`, WRN `block{k}`) or VGG block, (B, H, W, C)
+    # each. They are activations the forward pass computes anyway: under jit an unused one costs nothing.
+    stages: tuple[jax.Array, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -108,13 +112,13 @@ class Network:
         # copy=True: fresh Variables owned by this trace, so BatchNorm can update them under jax.grad too.
         model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"], copy=True)
         forward = nnx.capture(model, nnx.Intermediate)  # collects what each BatchNorm sows: its input
-        (logits, features), recorded = forward(normalise(images, self.spec.mean, self.spec.std), train=train)
+        (logits, features, stages), recorded = forward(normalise(images, self.spec.mean, self.spec.std), train=train)
         running = dict(nnx.to_flat_state(variables["batch_stats"]))
         bn_inputs = tuple(
             BNInput(inputs, running[path[:-1] + ("mean",)][...], running[path[:-1] + ("var",)][...])
             for path, variable in nnx.to_flat_state(recorded)
             for inputs in variable.get_value())
-        return Output(logits, features, bn_inputs), nnx.state(model, nnx.BatchStat)
+        return Output(logits, features, bn_inputs, stages), nnx.state(model, nnx.BatchStat)
 
     def bn_channels(self, image_shape: tuple[int, int, int]) -> list[int]:
         """Channels of every BatchNorm layer, in the order of `Output.bn_inputs` (shapes only, no compute)."""

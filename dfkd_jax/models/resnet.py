@@ -67,13 +67,16 @@ class CifarResNet(nnx.Module):
         self.num_stages = len(widths)
         self.linear = linear(in_planes, num_classes, rngs=rngs)
 
-    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
+        """(logits, penultimate features, the output of each stage `layer{k}`)."""
         out = jax.nn.relu(self.bn1(self.conv1(x_bhwc), train=train))
+        stages = []
         for stage in range(1, self.num_stages + 1):
             for block in getattr(self, f"layer{stage}"):
                 out = block(out, train=train)
+            stages.append(out)
         features = global_avg_pool(out)
-        return self.linear(features), features
+        return self.linear(features), features, tuple(stages)
 
 
 def he_resnet(depth: int, num_classes: int, *, shortcut: Shortcut = "A", rngs: nnx.Rngs) -> CifarResNet:

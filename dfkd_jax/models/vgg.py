@@ -34,18 +34,22 @@ class VGG(nnx.Module):
         self.num_blocks = len(block_widths)
         self.classifier = linear(in_channels, num_classes, rngs=rngs)
 
-    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
+        """(logits, penultimate features, the output of each `block{k}` after its ReLU and before its pool, as
+        RepDistiller's VGG returns its feature maps)."""
         input_size = x_bhwc.shape[1]
         out = x_bhwc
+        stages = []
         for k in range(self.num_blocks):
             for layer in getattr(self, f"block{k}"):
                 out = layer(out, train=train) if isinstance(layer, BatchNorm) else layer(out)
             out = jax.nn.relu(out)
+            stages.append(out)
             # Max-pool after blocks 0-2; after block 3 only for 64-pixel inputs (upstream's `if h == 64`).
             if k < 3 or (k == 3 and input_size == 64):
                 out = max_pool_2x2(out)
         features = global_avg_pool(out)
-        return self.classifier(features), features
+        return self.classifier(features), features, tuple(stages)
 
 
 def vgg8_bn(num_classes: int, *, rngs: nnx.Rngs) -> VGG:

@@ -57,8 +57,13 @@ class WideResNet(nnx.Module):
         self.bn1 = BatchNorm(widths[3])
         self.fc = linear(widths[3], num_classes, rngs=rngs)
 
-    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
+        """(logits, penultimate features, the output of each `block{k}`). The stage outputs are the blocks' raw
+        sums, before the final BN + ReLU, as the attention-transfer code takes them from its wide ResNets."""
+        stages = []
         out = self.conv1(x_bhwc)
-        out = self.block3(self.block2(self.block1(out, train=train), train=train), train=train)
+        for block in (self.block1, self.block2, self.block3):
+            out = block(out, train=train)
+            stages.append(out)
         features = global_avg_pool(jax.nn.relu(self.bn1(out, train=train)))
-        return self.fc(features), features
+        return self.fc(features), features, tuple(stages)
