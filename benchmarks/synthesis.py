@@ -177,7 +177,7 @@ def _jax_case(args, batch, teacher_net, teacher_variables, student_net, student_
         def step(carry, key, teacher_variables, student_variables):
             variables, opt, bn_ema = carry
             crop = augment.crop_flip_params(key, batch)
-            variables, opt, loss, _, _, moments = method.generator_update(
+            variables, opt, loss, _, _, moments, _ = method.generator_update(
                 variables, opt, targets, crop, bn_ema, teacher_variables, student_variables, adversarial=True)
             return (variables, opt, bn_ema), loss
 
@@ -200,16 +200,16 @@ def _jax_case(args, batch, teacher_net, teacher_variables, student_net, student_
         config = pairs.method_config("nayer", student=dict(schedule="constant", lr=0.1))
         method = pairs.build_method(config, teacher_net, student_net, mesh)
         optimizer, _ = distill.make_optimizer(config.student, 1, 1)
-        kd_update = distill.make_kd_update(teacher_net, student_net, optimizer, method.student_loss)
+        kd_update = distill.make_kd_update(method, optimizer)
         images = jax.device_put(jax.random.uniform(key, (batch, 32, 32, 3)), parallel.batch_sharded(mesh))
 
         def step(carry, key, teacher_variables, student_variables):
-            variables, opt = carry
             augmented = augment.crop_flip(images, augment.crop_flip_params(key, batch))
-            variables, opt, loss, _ = kd_update(variables, opt, augmented, teacher_variables)
-            return (variables, opt), loss
+            carry, loss, _ = kd_update(carry, augmented, teacher_variables)
+            return carry, loss
 
-        carry = (student_variables, optimizer.init(student_variables["params"]))
+        carry = {"student": student_variables, "student_opt": optimizer.init(student_variables["params"]),
+                 **distill.init_extras_state(method, optimizer, key), "synth": {}}
 
     # bfloat16: matrix products and convolutions take bfloat16 inputs with float32 accumulation (the JAX analogue of
     # the PyTorch side's autocast); parameters, optimizer states and losses stay float32. float32: full float32 on

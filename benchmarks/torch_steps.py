@@ -119,13 +119,16 @@ def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
     return 0.5 * F.kl_div(torch.log(P), M, reduction=reduction) + 0.5 * F.kl_div(torch.log(Q), M, reduction=reduction)
 
 
-def image_prior_tv(inputs):
-    """Upstream `get_image_prior_losses` (its l2 variant)."""
-    diff1 = inputs[:, :, :, :-1] - inputs[:, :, :, 1:]
-    diff2 = inputs[:, :, :-1, :] - inputs[:, :, 1:, :]
-    diff3 = inputs[:, :, 1:, :-1] - inputs[:, :, :-1, 1:]
-    diff4 = inputs[:, :, :-1, :-1] - inputs[:, :, 1:, 1:]
-    return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+def image_prior_tv(inputs_jit):
+    """CMI's `datafree.criterions.get_image_prior_losses`, what its DeepInversion runs: the l1 form."""
+    diff1 = inputs_jit[:, :, :, :-1] - inputs_jit[:, :, :, 1:]
+    diff2 = inputs_jit[:, :, :-1, :] - inputs_jit[:, :, 1:, :]
+    diff3 = inputs_jit[:, :, 1:, :-1] - inputs_jit[:, :, :-1, 1:]
+    diff4 = inputs_jit[:, :, :-1, :-1] - inputs_jit[:, :, 1:, 1:]
+    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
+        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
+    loss_var_l1 = loss_var_l1 * 255.0
+    return loss_var_l1
 
 
 class NayerGeneratorStep:

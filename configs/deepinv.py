@@ -8,17 +8,23 @@
 
 Defaults: CMI's scripts/deepinv_cifar10.sh with methods.md's 2k steps per batch: batch 256, Adam 0.1 (0.5, 0.99) on
 pixels initialised N(0, 1) in normalised space, loss 10·BN + CE + adv(−JS, τ = 3) + 0.001·TV (+ 0·L2), jitter ±4 and
-flip; one batch per epoch into the pool, then 400 student steps of 256; SGD 0.1, ×0.1 at 60/75/90% of 200 epochs,
-τ = 20. Budgets and their measured results are in README.md ("Distillation runs").
+flip; one batch per epoch into the pool, then 400 student steps of 256; SGD 0.1 with cosine annealing to 0 over the
+200 epochs, τ = 20.
+- Total variation (config.synthesis.tv_norm): "l1" = Σ over the four neighbour differences of mean |Δ|, what CMI's
+  `criterions.get_image_prior_losses` returns and its DeepInversion runs at weight 0.001; "l2" = the Frobenius-norm
+  form of NVIDIA's DeepInversion (`loss_var_l2`), about 1000× larger on a noise batch.
+- Student schedule: CMI's current `datafree_kd.py` anneals with CosineAnnealingLR(T_max=epochs) for every method;
+  its first release used ×0.1 at 120/150/180 of 200 epochs (--config.student.schedule=multistep).
+Budgets and their measured results are in README.md ("Distillation runs").
 """
 
 from dfkd_jax import presets
 
 DEFAULTS = dict(
     synthesis=dict(batch_size=256, g_steps=2000, lr=0.1, betas=(0.5, 0.99), bn_weight=10.0, ce_weight=1.0,
-                   adv_weight=1.0, adv_temperature=3.0, tv_weight=1e-3, l2_weight=0.0),
+                   adv_weight=1.0, adv_temperature=3.0, tv_weight=1e-3, tv_norm="l1", l2_weight=0.0),
     schedule=dict(epochs=200, warmup=0, kd_steps=400, cycles=1),
-    student=dict(batch_size=256, lr=0.1, schedule="multistep", milestones=(0.6, 0.75, 0.9), temperature=20.0),
+    student=dict(batch_size=256, lr=0.1, schedule="cosine", eta_min=0.0, temperature=20.0),
 )
 
 BUDGETS = {

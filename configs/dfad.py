@@ -6,10 +6,12 @@
         # expected: resnet20 11.3% (near chance; see README), 21m
     python -m dfkd_jax.main --config=configs/dfad.py:cifar10          # 200 epochs
 
-Defaults: CMI's scripts/dfad_cifar10.sh (DCGAN-small with nz = 256, Adam 1e-3 (0.5, 0.999), per epoch 80 × (1
-generator step, 5 student steps) of 256, SGD 0.1 ×0.1 at 60/75/90% of 200 epochs); the generator maximises
-mean|t − s|. [decided] The student minimises the same L1 gap (the DFAD paper's MAE) rather than CMI's KL at τ = 1:
-config.student.loss = "kl" restores CMI's choice. Budgets and their measured results are in README.md.
+Defaults: CMI's scripts/dfad_cifar10.sh as first released (commit 3f791f9: DCGAN-small with nz = 256, Adam 1e-3
+(0.5, 0.999), per epoch 80 × (1 generator step, 5 student steps) of 256, SGD 0.1 ×0.1 at 60/75/90% of 200 epochs,
+`--T 1`); the generator maximises mean|t − s| and the student minimises it: CMI's `datafree_kd.py` sets
+`criterion = torch.nn.L1Loss()` for DFAD (the DFAD paper's MAE). config.student.loss = "kl" distils with KL at
+config.student.temperature instead. CMI's later revision anneals with cosine and uses a LargeGenerator; not
+followed here. Budgets and their measured results are in README.md.
 """
 
 from dfkd_jax import presets

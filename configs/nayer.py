@@ -9,9 +9,18 @@
 Defaults are upstream's CIFAR-10 script (scripts/nayer_100.sh): synthesis batch 400, 30 generator steps per round,
 Adam 4e-3 (0.5, 0.999), loss 10·BN(momentum 0.9) + 0.5·CE + 1.33·adv, 2 rounds per epoch (10 in the 20 warm-up
 epochs), generator rebuilt every 10 epochs, 400 student steps of 512 per epoch, SGD 0.2 cosine to 2e-4, τ = 20,
-120 epochs. [decided] Label embedding: a fixed random orthogonal 10×512 matrix unless
-config.synthesis.label_embedding_file gives a K×D .npy (upstream uses CLIP text embeddings, not available here;
-a file's width overrides config.synthesis.embedding_dim).
+120 epochs.
+
+- Label embedding (config.data.label_embedding_file): the CIFAR-10/100 presets use upstream's own CLIP ViT-B/32
+  text embeddings of "a image of {class}" (../shared/data/label_embeddings, 512-d); any K×D .npy can be given.
+  [decided] Without a file (digits) a fixed random orthogonal K×512 matrix seeded by config.seed
+  (config.synthesis.embedding_dim; a file's width overrides it).
+- Student mode during synthesis (config.synthesis.student_train_from_second_round, default True = upstream):
+  `synthesize()` puts the student in eval mode, and `student.train()` at the end of each round leaves it in train
+  mode for the next, so from the second round of an epoch on the adversarial term sees batch statistics and moves
+  the student's running statistics. False: eval mode throughout (this project's behaviour before).
+- Best batch: upstream's `best_cost` is reset by the first step of every round (`or best_inputs is None`), so each
+  round keeps its own lowest-loss batch; same here.
 Budgets and their measured results are in README.md ("Distillation runs").
 """
 
@@ -20,7 +29,7 @@ from dfkd_jax import presets
 DEFAULTS = dict(
     synthesis=dict(batch_size=400, g_steps=30, lr=4e-3, betas=(0.5, 0.999), bn_weight=10.0, ce_weight=0.5,
                    adv_weight=1.33, bn_momentum=0.9, g_life=10, g_loops=2, warmup_g_loops=10, noisy_size=1000,
-                   ngf=64, embedding_dim=512, label_embedding_file=""),
+                   ngf=64, embedding_dim=512, student_train_from_second_round=True),
     schedule=dict(epochs=120, warmup=20, kd_steps=400, cycles=1),
     student=dict(batch_size=512, lr=0.2, momentum=0.9, weight_decay=1e-4, schedule="cosine", eta_min=2e-4,
                  temperature=20.0),

@@ -15,9 +15,26 @@ import orbax.checkpoint as ocp
 from dfkd_jax import parallel
 
 
+def latest_metadata(directory: str) -> dict | None:
+    """The JSON record of the newest checkpoint in `directory`, read without creating or changing anything there
+    (None when there is none)."""
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "metadata"),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        epoch = manager.latest_step()
+        if epoch is None:
+            return None
+        return manager.restore(epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    finally:
+        manager.close()
+
+
 class Checkpoints:
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2, sharded_paths: tuple[str, ...] = ()):
         self.directory = os.path.abspath(directory)
+        self.sharded_paths = sharded_paths  # the method's batch-sharded subtrees (`Method.sharded_paths`)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "metadata"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -35,7 +52,7 @@ class Checkpoints:
 
     def restore(self, epoch: int, abstract_state: Any, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
         """The state saved after `epoch` epochs, every leaf placed with its sharding on `mesh`."""
-        shardings = parallel.state_shardings(abstract_state, mesh)
+        shardings = parallel.state_shardings(abstract_state, mesh, self.sharded_paths)
         target = jax.tree_util.tree_map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                                                    sharding=sharding),
                                         abstract_state, shardings)

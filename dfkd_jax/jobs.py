@@ -9,7 +9,7 @@ import sys
 import jax
 import ml_collections
 
-from dfkd_jax import convert, parallel
+from dfkd_jax import convert, parallel, validate
 from dfkd_jax.data.sources import open_source
 from dfkd_jax.evaluate import evaluate
 from dfkd_jax.network_io import load_network
@@ -23,20 +23,22 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def teacher(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Convert the configured PyTorch teacher into WORKDIR/teacher (once) and report its top-1."""
-    write_config(config, workdir)
+    mesh = parallel.make_data_mesh()
+    validate.check(config, mesh.devices.size)
+    source = open_source(config.eval.data, config.eval.split, config.eval.data_dir)  # missing data: fail first
     teacher_dir = os.path.join(workdir, "teacher")
-    if os.path.isdir(teacher_dir):
+    if os.path.isdir(teacher_dir):  # refuse a workdir holding another teacher before writing anything
+        network, variables, metadata = load_network(teacher_dir)
+        if network.spec.arch != config.teacher.arch:
+            raise ValueError(f"{teacher_dir} holds a {network.spec.arch}, but the config asks for "
+                             f"{config.teacher.arch}; pass another --workdir.")
+        write_config(config, workdir)
         print(f"using the teacher converted earlier in {teacher_dir}", file=sys.stderr)
     else:
+        write_config(config, workdir)
         convert.main(["--torch", config.teacher.torch_file, "--arch", config.teacher.arch, "--out", teacher_dir,
                       "--normalisation", config.teacher.normalisation])
-    network, variables, metadata = load_network(teacher_dir)
-    if network.spec.arch != config.teacher.arch:
-        raise ValueError(f"{teacher_dir} holds a {network.spec.arch}, but the config asks for "
-                         f"{config.teacher.arch}; pass another --workdir.")
-
-    mesh = parallel.make_data_mesh()
-    source = open_source(config.eval.data, config.eval.split, config.eval.data_dir)
+        network, variables, metadata = load_network(teacher_dir)
     print(f"evaluating on {source.description}, {mesh.devices.size} {jax.devices()[0].platform} device(s)",
           file=sys.stderr)
     with jax.default_matmul_precision("highest"):

@@ -157,15 +157,26 @@ def information_entropy(logits: jax.Array, log_base: float | None = None) -> jax
 
 # ------------------------------------------------------------------------------------- image priors (DeepInversion)
 
-def total_variation(images_bhwc: jax.Array) -> jax.Array:
-    """Σ of the Frobenius norms of the horizontal, vertical and two diagonal neighbour differences: the l2 variant
-    of DeepInversion's `get_image_prior_losses`, its NCHW indices moved to NHWC."""
+TV_NORMS = ("l1", "l2")
+
+
+def total_variation(images_bhwc: jax.Array, norm: str = "l1") -> jax.Array:
+    """Total variation over the horizontal, vertical and two diagonal neighbour differences Δ (DeepInversion's
+    `get_image_prior_losses`, its NCHW indices moved to NHWC):
+      l1: Σ_Δ mean |Δ| — the form CMI's `criterions.py` returns, what its DeepInversion runs (weight 0.001);
+      l2: Σ_Δ ‖Δ‖_F — NVIDIA's DeepInversion `loss_var_l2`, about 1000× larger on a noise batch."""
+    if norm not in TV_NORMS:
+        raise ValueError(f"total variation norm must be one of {TV_NORMS}, got {norm!r}")
     x = _f32(images_bhwc)
     along_width = x[:, :, :-1] - x[:, :, 1:]
     along_height = x[:, :-1, :] - x[:, 1:, :]
     anti_diagonal = x[:, 1:, :-1] - x[:, :-1, 1:]
     diagonal = x[:, :-1, :-1] - x[:, 1:, 1:]
-    return sum(_l2_norm(d) for d in (along_width, along_height, anti_diagonal, diagonal))
+    differences = (along_width, along_height, anti_diagonal, diagonal)
+    if norm == "l1":
+        # |Δ| with PyTorch's gradient sign(0) = 0 (jnp.abs has 1 there): clipped pixels make exact ties.
+        return sum(jnp.mean(jnp.where(d == 0, 0.0, jnp.abs(d))) for d in differences)
+    return sum(_l2_norm(d) for d in differences)
 
 
 def l2_prior(images_bhwc: jax.Array) -> jax.Array:

@@ -51,22 +51,33 @@ def shard_host_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharded(mesh), host_batch)
 
 
-# Train-state leaves holding batches of images (the pool, pixel batches, best batches) are sharded on `data` along
-# their first axis; every other leaf (parameters, optimizer states, counters, keys) is replicated.
-BATCH_SHARDED_NAMES = frozenset({"images", "pixels", "best_images"})
+# Which train-state leaves are sharded on `data` (along their first axis) is declared, not guessed: the trainer
+# passes the paths each method declares (`Method.batch_sharded`, e.g. "synth/pool"); every other leaf (parameters,
+# optimizer states, counters, keys) is replicated. A path names a subtree: "synth/pool" covers the pool's images,
+# labels and groups. Scalars under a declared path (the pool's count) stay replicated.
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
-def _is_batch_sharded(path, leaf) -> bool:
-    names = {str(getattr(p, "key", getattr(p, "name", p))) for p in path}
-    return bool(names & BATCH_SHARDED_NAMES) and getattr(leaf, "ndim", 0) >= 1
+def leaf_path(path) -> str:
+    """A pytree path as "synth/pool/images" (dict keys, attribute names and sequence indices joined by '/')."""
+    return "/".join(_path_names(path))
 
 
-def state_shardings(state, mesh: Mesh):
-    """The sharding of every leaf of a train state (concrete or abstract), by the rule above."""
+def _is_batch_sharded(path, leaf, sharded_paths: tuple[str, ...]) -> bool:
+    names = _path_names(path)
+    declared = any(names[:len(prefix)] == prefix for prefix in (tuple(p.split("/")) for p in sharded_paths))
+    return declared and getattr(leaf, "ndim", 0) >= 1
+
+
+def state_shardings(state, mesh: Mesh, sharded_paths: tuple[str, ...] = ()):
+    """The sharding of every leaf of a train state (concrete or abstract): batch-sharded under `sharded_paths`,
+    replicated elsewhere."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: batch_sharded(mesh) if _is_batch_sharded(path, leaf) else replicated(mesh), state)
+        lambda path, leaf: batch_sharded(mesh) if _is_batch_sharded(path, leaf, sharded_paths) else replicated(mesh),
+        state)
 
 
-def constrain_state(state, mesh: Mesh):
-    """Inside jit: pin every leaf of `state` to its rule-given sharding (keeps donated buffers where they are)."""
-    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
+def constrain_state(state, mesh: Mesh, sharded_paths: tuple[str, ...] = ()):
+    """Inside jit: pin every leaf of `state` to its declared sharding (keeps donated buffers where they are)."""
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh, sharded_paths))

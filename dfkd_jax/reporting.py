@@ -7,6 +7,7 @@ lines are still written.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping
 
@@ -34,7 +35,9 @@ class MetricWriter:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        # NaN and Infinity are not JSON: a non-finite value is written as null (the run stops on it, see train.py).
+        finite = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **finite}, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tensorboard is not None:
             for name, value in scalars.items():

@@ -20,29 +20,46 @@ from dfkd_jax import convert
 from dfkd_jax.data.sources import ImageSource, open_source
 from dfkd_jax.models import Network, NetworkSpec, Variables
 from dfkd_jax.network_io import load_network, save_network
+from dfkd_jax.validate import ConfigError
 
 SOURCES = ("digits", "torch", "converted")
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[Network, Variables, ImageSource]:
+def check_available(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Fail on a missing teacher before the run writes anything."""
     teacher = config.teacher
     if teacher.source not in SOURCES:
-        raise ValueError(f"config.teacher.source must be one of {SOURCES}, got {teacher.source!r}")
+        raise ConfigError(f"config.teacher.source = {teacher.source!r} is not a teacher source: it must be one of "
+                          f"{', '.join(SOURCES)}")
+    if teacher.source == "converted" and not os.path.isdir(teacher.dir):
+        raise FileNotFoundError(f"config.teacher.dir = {teacher.dir!r} holds no converted teacher; write one with "
+                                "python -m dfkd_jax.convert --torch FILE --arch ARCH --out DIR")
+    if (teacher.source == "torch" and not os.path.isdir(os.path.join(workdir, "teacher"))
+            and not os.path.isfile(teacher.torch_file)):
+        raise FileNotFoundError(f"no teacher checkpoint at {teacher.torch_file} (config.teacher.torch_file): put the "
+                                "file there, pass teacher_root=DIR in the preset, or "
+                                "--config.teacher.torch_file=PATH")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[Network, Variables]:
+    teacher = config.teacher
+    check_available(config, workdir)
     teacher_dir = os.path.join(workdir, "teacher")
     if teacher.source == "converted":
         teacher_dir = teacher.dir
     elif os.path.isdir(teacher_dir):
         print(f"using the teacher made earlier in {teacher_dir}", file=sys.stderr)
     elif teacher.source == "torch":
-        convert.main(["--torch", teacher.torch_file, "--arch", teacher.arch, "--out", teacher_dir,
-                      "--normalisation", teacher.normalisation])
+        normalisation = (["--mean", ",".join(map(str, teacher.mean)), "--std", ",".join(map(str, teacher.std))]
+                         if teacher.get("mean") else ["--normalisation", teacher.normalisation])
+        convert.main(["--torch", teacher.torch_file, "--arch", teacher.arch, "--out", teacher_dir, *normalisation])
     else:
         _train_digits_teacher(config, teacher_dir, mesh)
     network, variables, _ = load_network(teacher_dir)
     if network.spec.arch != teacher.arch:
         raise ValueError(f"{teacher_dir} holds a {network.spec.arch}, but config.teacher.arch is {teacher.arch}; "
                          "pass another --workdir or fix the config.")
-    return network, variables, evaluation_source(config)
+    return network, variables
 
 
 def evaluation_source(config: ml_collections.ConfigDict) -> ImageSource:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers
+from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers, validate
 from dfkd_jax.evaluate import evaluate
 from dfkd_jax.methods.base import mean_metrics
 from dfkd_jax.models import Network, NetworkSpec
@@ -30,20 +30,24 @@ from dfkd_jax.network_io import save_network
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
+    # ------------------------------------------------------------------------------- mesh and config checks
+    # Everything that can refuse the run does so here, before anything is written to the workdir.
+    mesh = mesh or parallel.make_data_mesh()
+    validate.check(config, mesh.devices.size, methods.config_rules(config.method))
+    eval_source = teachers.evaluation_source(config)
+    teachers.check_available(config, workdir)
+    flat_config = _flat_config(config)
+    _accept_workdir(workdir, flat_config)
+
     # ------------------------------------------------------------------------------------------------ workdir
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
+    print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
 
-    # --------------------------------------------------------------------------------------------------- mesh
-    mesh = mesh or parallel.make_data_mesh()
-    for name, size in (("synthesis.batch_size", config.synthesis.batch_size),
-                       ("student.batch_size", config.student.batch_size)):
-        parallel.check_batch_divisible(size, mesh, f"config.{name}")
-
-    # ------------------------------------------------------------------------------- teacher and eval data
-    teacher, teacher_variables, eval_source = teachers.prepare(config, workdir, mesh)
+    # ----------------------------------------------------------------------------------------------- teacher
+    teacher, teacher_variables = teachers.prepare(config, workdir, mesh)
     teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
 
     # ------------------------------------------------------------------------------------ student and method
@@ -54,33 +58,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     plans = [method.plan(epoch) for epoch in range(config.schedule.epochs)]
     distill_epochs = sum(plan.kd_steps > 0 for plan in plans)
     kd_steps_per_epoch = max((plan.cycles * plan.kd_steps for plan in plans), default=0)
-    optimizer, schedule = distill.make_optimizer(config.student, kd_steps_per_epoch, distill_epochs)
+    optimizer, _ = distill.make_optimizer(config.student, kd_steps_per_epoch, distill_epochs)
 
     # ------------------------------------------------------------------------------------ state (or resume)
     def init_state(key):
         student_key, synth_key, rng = jax.random.split(key, 3)
         student_variables = student.init(student_key)
         return {"student": student_variables, "student_opt": optimizer.init(student_variables["params"]),
+                **distill.init_extras_state(method, optimizer, jax.random.fold_in(key, 1)),
                 "synth": method.init(synth_key), "rng": rng, "epoch": jnp.zeros((), jnp.int32),
                 "kd_step": jnp.zeros((), jnp.int32)}
 
     key = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init_state, key)
-    store = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    progress_record = {"best_top1": 0.0, "budget": {}, "history": [], "config": _flat_config(config)}
+    store = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                    sharded_paths=method.sharded_paths)
+    progress_record = {"best_top1": 0.0, "budget": {}, "history": [], "config": flat_config}
     if store.latest_epoch() is not None:
-        # Compare configs before restoring: a changed network would otherwise fail deep inside orbax.
-        _check_same_run(store.metadata(store.latest_epoch()).get("config", {}), progress_record["config"], workdir)
         state, saved_record = store.restore(store.latest_epoch(), abstract_state, mesh)
         progress_record |= {k: v for k, v in saved_record.items() if k != "config"}
         print(f"resuming from {store.directory} after epoch {store.latest_epoch()}", file=sys.stderr)
     else:
-        state = jax.jit(init_state, out_shardings=parallel.state_shardings(abstract_state, mesh))(key)
+        shardings = parallel.state_shardings(abstract_state, mesh, method.sharded_paths)
+        state = jax.jit(init_state, out_shardings=shardings)(key)
     start_epoch = int(state["epoch"])
     budget = Budget(**progress_record["budget"])
 
     # -------------------------------------------------------------------------------------------------- steps
-    distill_step = distill.make_distill_step(method, teacher, student, optimizer, schedule, mesh)
+    student_step = jax.jit(method.make_student_step(optimizer), donate_argnums=0)
+    params_finite = jax.jit(lambda trees: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
+                                                               jax.tree_util.tree_leaves(trees)] or [True])))
     writer = reporting.MetricWriter(workdir)
     with jax.default_matmul_precision("highest"):
         teacher_top1 = evaluate(teacher, teacher_variables, eval_source, mesh=mesh, progress=False)["top1"]
@@ -92,52 +99,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     + plan.kd_steps * config.student.batch_size) for plan in plans[start_epoch:])
     progress = tqdm(total=total_work, unit="img", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                     disable=jax.process_index() != 0 or not config.progress)
-    def on_step(images: int, metrics: dict) -> None:
-        on_step.calls += 1
-        if on_step.calls % 10 == 0:  # wait for the device now and then so the bar shows real progress
+    steps_this_epoch: list[tuple[str, dict]] = []  # every step's measurements, checked for NaN/Inf per epoch
+
+    def on_step(images: int, metrics: dict, phase: str = "synthesis") -> None:
+        steps_this_epoch.append((phase, metrics))
+        if len(steps_this_epoch) % 10 == 0:  # wait for the device now and then so the bar shows real progress
             jax.block_until_ready(metrics)
         progress.update(images)
 
-    on_step.calls = 0
     result = {}
-    for epoch in range(start_epoch, config.schedule.epochs):
-        plan = plans[epoch]
-        synthesis_history, kd_history = [], []
-        for _ in range(plan.cycles):
-            started = time.perf_counter()
-            state, synthesis_metrics = method.synthesize(state, teacher_variables, epoch, on_step=on_step)
-            budget.add_synthesis(time.perf_counter() - started, plan.synthesis_steps, plan.synthesis_batch)
-            synthesis_history.append(synthesis_metrics)
-            started = time.perf_counter()
-            for _ in range(plan.kd_steps):
-                state, metrics = distill_step(state, teacher_variables)
-                kd_history.append(metrics)
-                on_step(config.student.batch_size, metrics)
-            jax.block_until_ready(state["student"])
-            budget.add_distillation(time.perf_counter() - started, plan.kd_steps, config.student.batch_size)
-        state["epoch"] = jax.device_put(jnp.asarray(epoch + 1, jnp.int32), parallel.replicated(mesh))
+    try:
+        for epoch in range(start_epoch, config.schedule.epochs):
+            plan = plans[epoch]
+            steps_this_epoch.clear()
+            synthesis_history, kd_history = [], []
+            for _ in range(plan.cycles):
+                started = time.perf_counter()
+                state, synthesis_metrics = method.synthesize(state, teacher_variables, epoch, on_step=on_step)
+                budget.add_synthesis(time.perf_counter() - started, plan.synthesis_steps, plan.synthesis_batch)
+                synthesis_history.append(synthesis_metrics)
+                started = time.perf_counter()
+                for _ in range(plan.kd_steps):
+                    state, metrics = student_step(state, teacher_variables)
+                    kd_history.append(metrics)
+                    on_step(config.student.batch_size, metrics, "student")
+                jax.block_until_ready(state["student"])
+                budget.add_distillation(time.perf_counter() - started, plan.kd_steps, config.student.batch_size)
+            state["epoch"] = jax.device_put(jnp.asarray(epoch + 1, jnp.int32), parallel.replicated(mesh))
 
-        scalars = _mean(synthesis_history) | mean_metrics(kd_history) | budget.rates()
-        last_epoch = epoch + 1 == config.schedule.epochs
-        if (epoch + 1) % config.eval.every_epochs == 0 or last_epoch:
-            scalars |= _evaluate_student(student, state, eval_source, mesh, teacher_top1)
-            progress_record["best_top1"] = max(progress_record["best_top1"], scalars["eval/student_top1"])
-            preview = method.preview(state)
-            if preview is not None:
-                reporting.save_image_grid(preview, os.path.join(workdir, "images", f"epoch_{epoch + 1:04d}.png"))
-        writer.write(epoch + 1, scalars | {"epoch": epoch + 1})
-        shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items()
-                 if k in ("synthesis/loss", "kd/loss", "kd/agreement", "eval/student_top1")}
-        progress.set_postfix(epoch=epoch + 1, **shown)
-        progress_record["history"].append({k: v for k, v in scalars.items() if k.startswith("eval/")}
-                                          | {"epoch": epoch + 1})
-        progress_record["budget"] = budget.as_dict()
-        if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch:
-            store.save(epoch + 1, state, progress_record)
-        result = scalars
-    progress.close()
-    store.close()
-    writer.close()
+            scalars = _mean(synthesis_history) | mean_metrics(kd_history) | budget.rates()
+            problem = _first_non_finite(steps_this_epoch)
+            if problem is None and not bool(params_finite((state["student"], state["extras"]))):
+                problem = "the student's parameters or batch statistics"
+            if problem is not None:
+                writer.write(epoch + 1, scalars | {"epoch": epoch + 1})
+                last = store.latest_epoch()
+                raise NonFiniteError(
+                    f"{problem} became non-finite in epoch {epoch + 1}; stopped before checkpointing it: "
+                    + (f"the last good checkpoint (epoch {last}) in {store.directory} is untouched"
+                       if last is not None else "no checkpoint had been written yet")
+                    + ". Lower the learning rates or loss weights, e.g. --config.student.lr")
+            last_epoch = epoch + 1 == config.schedule.epochs
+            if (epoch + 1) % config.eval.every_epochs == 0 or last_epoch:
+                scalars |= _evaluate_student(student, state, eval_source, mesh, teacher_top1)
+                progress_record["best_top1"] = max(progress_record["best_top1"], scalars["eval/student_top1"])
+                preview = method.preview(state)
+                if preview is not None:
+                    reporting.save_image_grid(preview, os.path.join(workdir, "images", f"epoch_{epoch + 1:04d}.png"))
+            writer.write(epoch + 1, scalars | {"epoch": epoch + 1})
+            shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items()
+                     if k in ("synthesis/loss", "kd/loss", "kd/agreement", "eval/student_top1")}
+            progress.set_postfix(epoch=epoch + 1, **shown)
+            progress_record["history"].append({k: v for k, v in scalars.items() if k.startswith("eval/")}
+                                              | {"epoch": epoch + 1})
+            progress_record["budget"] = budget.as_dict()
+            if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch:
+                store.save(epoch + 1, state, progress_record)
+            result = scalars
+    finally:
+        progress.close()
+        store.close()  # waits for a checkpoint still being written, also when the run stops on an error
+        writer.close()
 
     # ------------------------------------------------------------------------------------------------ summary
     if not result:  # resumed a finished run: evaluate what is there
@@ -147,12 +169,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         save_network(student_dir, student.spec, jax.device_get(state["student"]),
                      {"method": method.name, "teacher": teacher.spec.arch, "epochs": config.schedule.epochs})
     summary = _summary(config, method, teacher, student, teacher_top1, result, progress_record, budget, mesh,
-                       method.kept_images(state))
+                       method.kept_images(state)) | {"workdir": os.path.abspath(workdir)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print("\n" + reporting.table([(k, str(v)) for k, v in summary.items()], f"{method.name} summary"))
+    print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
     return summary
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term or parameter became NaN or infinite; the message names it, the step and the epoch."""
+
+
+def _first_non_finite(steps: list[tuple[str, dict]]) -> str | None:
+    """'student step 12 of 40: kd/kl = nan' for the first step whose measurements are not all finite."""
+    if not steps:
+        return None
+    values = jax.device_get([metrics for _, metrics in steps])  # one transfer for the whole epoch
+    counts: dict[str, int] = {}
+    for phase, _ in steps:
+        counts[phase] = counts.get(phase, 0) + 1
+    seen: dict[str, int] = {}
+    for (phase, _), metrics in zip(steps, values):
+        seen[phase] = seen.get(phase, 0) + 1
+        for name, value in metrics.items():
+            if not np.all(np.isfinite(value)):
+                value = float(np.asarray(value).ravel()[0])
+                return f"{name} = {value} at {phase} step {seen[phase]} of {counts[phase]}"
+    return None
 
 
 # Fields that may change between a run and its resumption (they do not shape the train state).
@@ -171,6 +216,24 @@ def _check_same_run(saved: dict, current: dict, workdir: str) -> None:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:10])
         raise ValueError(f"{workdir} holds a run with a different config ({details}). Pass another --workdir to "
                          "start a new run, or restore those values to resume this one.")
+
+
+def _accept_workdir(workdir: str, current: dict) -> None:
+    """Refuse, before writing anything, a workdir whose run had another config: the newest checkpoint's (compared
+    before restoring: a changed network would otherwise fail deep inside orbax) or, before the first checkpoint,
+    the config.json the run wrote when it started."""
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_config):
+        with open(saved_config) as f:
+            try:
+                saved = _flat_config(ml_collections.ConfigDict(json.load(f)))
+            except (json.JSONDecodeError, TypeError):
+                saved = None
+        if saved is not None:
+            _check_same_run(saved, current, workdir)
+    saved_checkpoint = checkpoints.latest_metadata(os.path.join(workdir, "checkpoints"))
+    if saved_checkpoint is not None:
+        _check_same_run(saved_checkpoint.get("config", {}), current, workdir)
 
 
 def _student_parts(config: ml_collections.ConfigDict, teacher: Network):

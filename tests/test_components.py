@@ -12,6 +12,7 @@ Every sharded case runs on the 8 fake CPU devices of conftest.py.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -192,20 +193,68 @@ def test_uint8_pool_truncates_as_upstream_writes_its_png_files():
 
 def test_sample_draws_only_from_the_filled_entries():
     p = pool.add(pool.create(10, (2, 2, 1), "float32"), _constant_batch([0.25, 0.5, 0.75]))
-    drawn = np.asarray(jax.jit(pool.sample, static_argnums=2)(p, jax.random.key(0), 300))
+    drawn = np.asarray(jax.jit(pool.sample, static_argnums=2)(p, jax.random.key(0), 300)["images"])
     assert drawn.shape == (300, 2, 2, 1) and drawn.dtype == np.float32
     per_image = drawn.reshape(300, -1)
     assert np.all(per_image == per_image[:, :1])  # whole images, not mixed pixels
     assert set(per_image[:, 0].tolist()) == {0.25, 0.5, 0.75}  # every filled entry, never an empty (zero) slot
 
 
+def test_labels_and_groups_travel_with_their_images_through_wrap_around():
+    p = pool.create(4, (2, 2, 1), "float32")
+    assert np.asarray(p["labels"]).tolist() == [-1] * 4 and np.asarray(p["groups"]).tolist() == [-1] * 4
+    p = pool.add(p, _constant_batch([0.1, 0.2, 0.3]), np.int32([1, 2, 3]), np.int32([10, 20, 30]))
+    p = pool.add(p, _constant_batch([0.4, 0.5]), np.int32([4, 5]))  # no groups given: -1
+    assert np.asarray(p["labels"]).tolist() == [5, 2, 3, 4] and np.asarray(p["groups"]).tolist() == [-1, 20, 30, -1]
+    drawn = jax.device_get(pool.sample(p, jax.random.key(1), 200))
+    value_of_label = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}
+    np.testing.assert_allclose(drawn["images"][:, 0, 0, 0], [value_of_label[y] for y in drawn["labels"]], rtol=1e-6)
+    assert set(drawn["labels"].tolist()) == {2, 3, 4, 5}  # label 1 was overwritten with its image
+    np.testing.assert_array_equal(drawn["labels"], np.asarray(p["labels"])[drawn["indices"]])
+
+
+def test_label_pair_sampling_gives_every_anchor_a_partner_of_its_label():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 100, 300).astype(np.int32)  # 100 classes, some with one image, some with none
+    labels[labels == 42] = 41
+    labels[2] = 42  # class 42: one image, so its partner is itself
+    labels[200:260] = 7  # class 7: 60+ images, to see the partner distribution within a class
+    values = np.arange(300, dtype=np.float32) / 300
+    p = pool.add(pool.create(320, (2, 2, 1), "float32"), _constant_batch(values), labels)
+    sample = jax.jit(pool.sample_label_pairs, static_argnums=(2, 3))
+    drawn = jax.device_get(sample(p, jax.random.key(3), 512, 100))
+    pairs = drawn["labels"].reshape(256, 2)
+    assert np.all(pairs[:, 0] == pairs[:, 1])  # each anchor's partner has its label
+    assert np.all(drawn["indices"] < 300)  # never an empty slot
+    np.testing.assert_allclose(drawn["images"][:, 0, 0, 0], values[drawn["indices"]], rtol=1e-6)
+    # Partners are uniform within the anchor's class (the anchor itself included): P(partner = anchor) = 1/n_class,
+    # and within the 60+ images of class 7 each is drawn about equally often.
+    many = jax.device_get(sample(p, jax.random.key(4), 40000, 100))
+    anchors, partners = many["indices"].reshape(-1, 2).T
+    counts = np.bincount(labels, minlength=100)
+    assert np.all(anchors[counts[labels[anchors]] == 1] == partners[counts[labels[anchors]] == 1])
+    expected_same = np.mean(1.0 / counts[labels[anchors]])
+    assert abs(np.mean(anchors == partners) - expected_same) < 0.01  # binomial σ ≈ 0.002 over 20000 pairs
+    in_class_7 = partners[labels[anchors] == 7]
+    frequencies = np.bincount(in_class_7, minlength=300)[labels == 7] / len(in_class_7)
+    assert frequencies.min() > 0.3 / counts[7] and frequencies.max() < 1.7 / counts[7]
+    assert set(np.unique(labels[anchors])) == set(np.flatnonzero(counts))  # anchors reach every class present
+
+
+def test_label_pair_sampling_needs_an_even_batch():
+    with pytest.raises(ValueError, match="even batch"):
+        pool.sample_label_pairs(pool.create(4, (2, 2, 1)), jax.random.key(0), 5, 10)
+
+
 def test_pool_sharded_over_eight_devices_gives_the_single_device_results_under_jit():
     mesh = parallel.make_data_mesh()
     p = pool.create(16, (4, 4, 3), "uint8")
-    shardings = parallel.state_shardings(p, mesh)
+    shardings = parallel.state_shardings(p, mesh, ("images", "labels", "groups"))
     sharded = jax.device_put(p, shardings)
     assert len(sharded["images"].addressable_shards) == 8
     assert sharded["images"].addressable_shards[0].data.shape == (2, 4, 4, 3)  # split on capacity, not copied
+    assert sharded["labels"].addressable_shards[0].data.shape == (2,)
+    assert sharded["count"].sharding.is_fully_replicated
 
     add = jax.jit(pool.add, out_shardings=shardings)
     sample = jax.jit(pool.sample, static_argnums=2)
@@ -218,7 +267,8 @@ def test_pool_sharded_over_eight_devices_gives_the_single_device_results_under_j
     newest = (np.clip(batches[3], 0, 1) * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(sharded["images"])[2:8], newest)  # slots 18..23 mod 16
     key = jax.random.key(4)
-    np.testing.assert_array_equal(np.asarray(sample(sharded, key, 32)), np.asarray(pool.sample(p, key, 32)))
+    np.testing.assert_array_equal(np.asarray(sample(sharded, key, 32)["images"]),
+                                  np.asarray(pool.sample(p, key, 32)["images"]))
 
 
 @pytest.mark.parametrize("make, message", [
@@ -274,9 +324,18 @@ def test_multistep_schedule_matches_torch_multistep_at_fractions_of_training():
     assert expected[11] == 0.1 and expected[12] < 0.011 and expected[19] < 1.1e-4
 
 
+def test_warmup_cosine_schedule_is_cpsc_linear_ramp_then_cosine():
+    # CPSC-DFKD (methods.md §5): lr·e/W in epochs e = 1..W, then cosine from lr to eta_min over the rest. Worked
+    # out by hand for lr 0.1, W = 3, 7 epochs, eta_min 0: 0.1/3, 0.2/3, 0.1, then 0.05·(1 + cos(πk/4)), k = 0..3.
+    expected = [0.1 / 3, 0.2 / 3, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    student = _student(schedule="warmup_cosine", lr=0.1, eta_min=0.0, warmup_epochs=3)
+    np.testing.assert_allclose(_our_lrs(student, 7), expected, rtol=1e-6)
+
+
 def test_constant_schedule_and_unknown_schedule():
     assert _our_lrs(_student(schedule="constant", lr=0.05), 4) == pytest.approx([0.05] * 4, rel=1e-7)
-    with pytest.raises(ValueError, match="schedule must be cosine, multistep or constant, got 'linear'"):
+    with pytest.raises(ValueError, match="schedule must be one of cosine, warmup_cosine, multistep, constant, "
+                                         "got 'linear'"):
         learning_rate_at_epoch(_student(schedule="linear"), 0, 10)
 
 

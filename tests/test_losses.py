@@ -5,6 +5,8 @@ by hand. Values and input gradients are compared for every term that pixels or g
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,12 +86,16 @@ def torch_bn_hook(x, running_mean, running_var, mmt=None, mmt_rate=0.9):
     return r_feature, (mean, var)
 
 
-def torch_image_prior_l2(inputs_jit):  # DeepInversion get_image_prior_losses, loss_var_l2
+def torch_image_prior_losses(inputs_jit):  # NVIDIA DeepInversion's get_image_prior_losses, verbatim but for names
     diff1 = inputs_jit[:, :, :, :-1] - inputs_jit[:, :, :, 1:]
     diff2 = inputs_jit[:, :, :-1, :] - inputs_jit[:, :, 1:, :]
     diff3 = inputs_jit[:, :, 1:, :-1] - inputs_jit[:, :, :-1, 1:]
     diff4 = inputs_jit[:, :, :-1, :-1] - inputs_jit[:, :, 1:, 1:]
-    return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    loss_var_l2 = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
+        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
+    loss_var_l1 = loss_var_l1 * 255.0
+    return loss_var_l1, loss_var_l2  # CMI's criterions.py returns the first alone
 
 
 def _logits_pair(batch=8, classes=10, scale=3.0, seed=0):
@@ -365,20 +371,35 @@ def test_information_entropy_is_minus_log_k_for_balanced_predictions():
 
 # ------------------------------------------------------------------------------------------ image priors
 
-def test_total_variation_matches_deepinversion_on_nchw():
+def test_total_variation_of_a_two_by_two_image_worked_out_by_hand():
+    # x = [[0, 1], [2, 4]]: |Δ| along the width 1, 2; along the height 2, 3; anti-diagonal x[1,0] − x[0,1] = 1;
+    # diagonal x[0,0] − x[1,1] = −4. l1 = Σ means = 1.5 + 2.5 + 1 + 4 = 9; l2 = √5 + √13 + 1 + 4.
+    image = jnp.asarray([[0.0, 1.0], [2.0, 4.0]]).reshape(1, 2, 2, 1)
+    assert float(losses.total_variation(image, "l1")) == pytest.approx(9.0, rel=1e-6)
+    assert float(losses.total_variation(image)) == pytest.approx(9.0, rel=1e-6)  # l1 is the default (CMI's)
+    assert float(losses.total_variation(image, "l2")) == pytest.approx(5 + 5 ** 0.5 + 13 ** 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        losses.total_variation(image, "l3")
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_total_variation_matches_deepinversion_on_nchw(norm):
     images = _rng(14).uniform(size=(3, 6, 5, 3)).astype(np.float32)  # H ≠ W catches swapped axes
-    value, grad = jax.jit(jax.value_and_grad(losses.total_variation))(jnp.asarray(images))
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.total_variation, norm=norm)))(
+        jnp.asarray(images))
     leaf = _leaf(_nchw(images))
-    expected = torch_image_prior_l2(leaf)
+    expected = torch_image_prior_losses(leaf)[0 if norm == "l1" else 1]
     expected.backward()
     _close(value, expected.item())
     _close(grad, _bhwc(leaf.grad.numpy()))
 
 
-def test_total_variation_of_a_constant_image_is_zero_with_zero_gradient():
-    value, grad = jax.jit(jax.value_and_grad(losses.total_variation))(jnp.full((2, 4, 4, 3), 0.5))
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_total_variation_of_a_constant_image_is_zero_with_zero_gradient(norm):
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.total_variation, norm=norm)))(
+        jnp.full((2, 4, 4, 3), 0.5))
     leaf = _leaf(np.full((2, 3, 4, 4), 0.5))
-    torch_image_prior_l2(leaf).backward()
+    torch_image_prior_losses(leaf)[0 if norm == "l1" else 1].backward()
     assert float(value) == 0.0
     assert np.all(np.isfinite(np.asarray(grad)))  # jnp.linalg.norm would give NaN here
     _close(grad, _bhwc(leaf.grad.numpy()))
@@ -406,6 +427,7 @@ SCALAR_TERMS = {
     "dafl_activation": lambda s, t, x: losses.dafl_activation(s),
     "information_entropy": lambda s, t, x: losses.information_entropy(t),
     "total_variation": lambda s, t, x: losses.total_variation(x),
+    "total_variation_l2": lambda s, t, x: losses.total_variation(x, "l2"),
     "l2_prior": lambda s, t, x: losses.l2_prior(x),
 }
 

@@ -25,6 +25,7 @@ from dfkd_jax import augment, convert, distill, losses
 
 BATCH = 16
 STEPS = 10
+SECOND_ROUND_STEPS = 3  # NAYER with the student in train mode, as upstream from an epoch's second round on
 TEACHER = "akamaster/resnet56-4bfd9763.th"
 STUDENT = "akamaster/resnet20-12fca82f.th"
 
@@ -109,32 +110,57 @@ def test_nayer_generator_step_matches_pytorch_for_ten_steps_and_a_round_boundary
         lr=synthesis.lr, betas=tuple(synthesis.betas), bn_weight=synthesis.bn_weight, ce_weight=synthesis.ce_weight,
         adv_weight=synthesis.adv_weight, bn_momentum=synthesis.bn_momentum)
     targets = np.asarray(jax.device_get(method_targets(method)))
-    update = jax.jit(functools.partial(method.generator_update, adversarial=True))
+    update = {student_train: jax.jit(functools.partial(method.generator_update, adversarial=True,
+                                                       student_train=student_train))
+              for student_train in (False, True)}
 
     generator_opt = method.optimizer.init(generator_variables["params"])
     bn_ema = losses.init_bn_ema(teacher_net.bn_channels(method.image_shape))
     adversary_active, moments = False, None
-    for step, (offsets, flips) in enumerate(crop_draws(STEPS, BATCH, seed=3)):
-        if step == STEPS // 2:  # a round boundary: from now on the BN term mixes in the moments' EMA
+    for step, (offsets, flips) in enumerate(crop_draws(STEPS + SECOND_ROUND_STEPS, BATCH, seed=3)):
+        if step in (STEPS // 2, STEPS):  # round boundaries: from now on the BN term mixes in the moments' EMA
             bn_ema = losses.update_bn_ema(bn_ema, moments, config.synthesis.bn_momentum)
             for hook in torch_step.hooks:
                 hook.update_mmt()
+        student_train = step >= STEPS
+        if step == STEPS:  # upstream's `student.train()` at the end of a round: the next round's adversary
+            torch_step.student.train()  # sees batch statistics and moves the student's running statistics
         if step == 0:
             check_first_gradient(method, generator_variables, targets, offsets, flips, bn_ema, teacher_variables,
                                  student_variables, generator_model, torch_step)
         crop = augment.CropFlip(jnp.asarray(offsets, jnp.int32), jnp.asarray(flips))
-        generator_variables, generator_opt, loss, terms, _, moments = update(
+        if step == STEPS:  # what the same step's adversarial term would be with the student in eval mode
+            adv_in_eval_mode = float(method.generator_loss(
+                generator_variables["params"], generator_variables["batch_stats"], jnp.asarray(targets), crop,
+                bn_ema, teacher_variables, student_variables, adversarial=True)[1][3]["synthesis/adv"])
+        generator_variables, generator_opt, loss, terms, _, moments, student_batch_stats = update[student_train](
             generator_variables, generator_opt, jnp.asarray(targets), crop, bn_ema, teacher_variables,
             student_variables)
+        student_variables = student_variables | {"batch_stats": student_batch_stats}
         torch_loss, torch_terms, _ = torch_step(torch.from_numpy(targets).long(),
                                                 torch_steps.CropFlipDraw(torch.from_numpy(offsets),
                                                                          torch.from_numpy(flips)))
         if step == 0:  # identical weights and inputs: every term to 1e-4
             assert float(loss) == pytest.approx(float(torch_loss.detach()), rel=1e-4), "total"
             assert_terms_close(terms, torch_terms, step)
+        if step == STEPS - 1:
+            assert_module_close(generator_variables, generator_model, "NAYER generator after 10 Adam steps")
+            assert_module_close(student_variables, student_raw, "student untouched by eval-mode rounds", 1e-6)
+            eval_mode_statistics = student_variables["batch_stats"]
+        if step == STEPS:  # the adversarial term with batch statistics: a different loss, the same on both sides
+            # (to the 0.2-0.4% the 10-step trajectories have drifted apart by here, measured on the eval steps too)
+            difference = abs(float(terms["synthesis/adv"]) - float(torch_terms["adv"]))
+            assert difference < 5e-3 * abs(float(torch_terms["adv"]))
+            assert abs(adv_in_eval_mode - float(torch_terms["adv"])) > 10 * difference, "modes indistinguishable"
         adversary_active |= float(torch_terms["adv"]) != 0.0
     assert adversary_active, "the masked adversarial term was 0 at every step: the comparison did not cover it"
-    assert_module_close(generator_variables, generator_model, "NAYER generator after 10 Adam steps")
+    assert_module_close(generator_variables, generator_model, "NAYER generator after a train-mode round")
+    # The student's running statistics after SECOND_ROUND_STEPS train-mode forward passes, as PyTorch moved them
+    # (and they did move: a check of statistics that stayed put would pass by itself).
+    assert_module_close(student_variables, student_raw, "student after train-mode generator steps")
+    moved = relative_error(*(np.concatenate([np.ravel(v[...]) for _, v in nnx.to_flat_state(stats)])
+                             for stats in (student_variables["batch_stats"], eval_mode_statistics)))
+    assert moved > 1e-2, f"the train-mode steps moved the student's running statistics by only {moved:.1e}"
     for hook in torch_step.hooks:
         hook.remove()
 
@@ -241,18 +267,19 @@ def test_kd_student_step_matches_pytorch_for_ten_sgd_steps(teacher, student, exa
     config = pairs.method_config("nayer", student=dict(schedule="constant", lr=0.003))
     optimizer, _ = distill.make_optimizer(config.student, kd_steps_per_epoch=STEPS, distill_epochs=1)
     method = pairs.build_method(config, teacher_net, student_net)  # its student loss: KL at τ = 20
-    kd_update = jax.jit(distill.make_kd_update(teacher_net, student_net, optimizer, method.student_loss))
+    kd_update = jax.jit(distill.make_kd_update(method, optimizer))
     torch_step = torch_steps.KDStep(pairs.with_normalisation(teacher_raw, spec),
                                     pairs.with_normalisation(student_raw, spec), lr=config.student.lr,
                                     momentum=config.student.momentum, weight_decay=config.student.weight_decay,
                                     temperature=config.student.temperature)
     images = (exact932[0][:BATCH] / np.float32(255)).astype(np.float32)
     variables = jax.tree_util.tree_map(jnp.asarray, student_variables)
-    opt = optimizer.init(variables["params"])
+    state = {"student": variables, "student_opt": optimizer.init(variables["params"]),
+             **distill.init_extras_state(method, optimizer, jax.random.key(0)), "synth": {}}
     for step, (offsets, flips) in enumerate(crop_draws(STEPS, BATCH, seed=7)):
         crop = augment.CropFlip(jnp.asarray(offsets, jnp.int32), jnp.asarray(flips))
-        variables, opt, loss, _ = kd_update(variables, opt, augment.crop_flip(jnp.asarray(images), crop),
-                                            teacher_variables)
+        state, loss, _ = kd_update(state, augment.crop_flip(jnp.asarray(images), crop), teacher_variables)
+        variables = state["student"]
         torch_loss = torch_step(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
                                 torch_steps.CropFlipDraw(torch.from_numpy(offsets), torch.from_numpy(flips)))
         if step == 0:

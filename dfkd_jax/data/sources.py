@@ -68,15 +68,23 @@ def load_npz(path: str) -> ArraySource:
 
 def load_tfds(name: str, split: str = "test", data_dir: str | None = None) -> TfdsSource:
     import tensorflow_datasets as tfds
+    from absl import logging as absl_logging
 
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about the missing folder before we can say it better
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    if not prepared:
         build = (f"python -m dfkd_jax.data.build --dataset {name} --manual-dir DIR_WITH_THE_FILES"
                  + (f" --data-dir {data_dir}" if data_dir else ""))
         raise FileNotFoundError(
-            f"tensorflow-datasets '{name}' is not prepared in {builder.data_dir}. Nothing is downloaded here; "
-            f"prepare it from local files with:\n  {build}\n(see python -m dfkd_jax.data.build --help for the "
-            "accepted files), or pass --data-dir where it was prepared, or pass an .npz file.")
+            f"tensorflow-datasets '{name}' is not prepared in {builder.data_dir} (nothing is downloaded here): "
+            f"prepare it from local files with `{build}` (python -m dfkd_jax.data.build --help lists the accepted "
+            "files), give the directory it was prepared in (--data-dir, --config.eval.data_dir), or evaluate on "
+            "an .npz (the CIFAR presets' eval=shared reads ../shared's lossless test images)")
     supervised = builder.info.supervised_keys or ("image", "label")
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     return TfdsSource(source, supervised[0], supervised[1],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dfkd_jax.methods.base import EpochPlan, Method
+from dfkd_jax.validate import ConfigError
 from dfkd_jax.methods.deepinversion import DeepInversion
 from dfkd_jax.methods.generative import GenerativeAdversarial
 from dfkd_jax.methods.nayer import Nayer
@@ -15,12 +16,28 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def register(method_class: type[Method], name: str | None = None) -> type[Method]:
+    """Make a method defined outside this package available as `config.method = name` (default: its `name`);
+    a config file that imports the method's module can then run it (see tests/toy_method.py)."""
+    METHODS[name or method_class.name] = method_class
+    return method_class
+
+
+def get(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"config.method = {name!r} is not a method: it must be one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def config_rules(name: str) -> dict:
+    """The method's own config ranges (`Method.CONFIG_RULES`), checked with the shared ones."""
+    return get(name).CONFIG_RULES
+
+
 def build(config, teacher, student, mesh) -> Method:
-    if config.method not in METHODS:
-        raise ValueError(f"config.method must be one of {sorted(METHODS)}, got {config.method!r}")
-    method = METHODS[config.method](config, teacher, student, mesh)
+    method = get(config.method)(config, teacher, student, mesh)
     method.name = config.method
     return method
 
 
-__all__ = ["EpochPlan", "Method", "METHODS", "build"]
+__all__ = ["EpochPlan", "Method", "METHODS", "build", "config_rules", "get", "register"]

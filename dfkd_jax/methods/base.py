@@ -4,6 +4,16 @@ An epoch is `plan(epoch).cycles` × (one call of `synthesize`, then `plan(epoch)
 DeepInversion synthesise once per epoch then distil from the pool; DAFL/DFAD alternate one generator step with a
 few student steps on fresh generator samples. Every hot function a method defines is a pure jitted function of the
 whole train state (donated) and returns the new state and a flat dict of measurements.
+
+The train state is a dict:
+    student, student_opt   the student's variables and optimizer state (exported as `student/` at the end)
+    extras, extras_opt     trainable parameters the method keeps beside the student (a projection head, an
+                           adapter) and their optimizer state: checkpointed, never exported
+    synth                  the method's own state (generators, pools, memory banks), from `init`
+    rng, epoch, kd_step    PRNG key and counters
+
+A method declares which leaves of `synth` carry a batch axis first (`batch_sharded`), its own config ranges
+(`CONFIG_RULES`), and may replace the student step (`make_student_step`) or only its loss (`student_loss`).
 """
 
 from __future__ import annotations
@@ -15,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from dfkd_jax import losses, parallel
+from dfkd_jax import augment, distill, losses, parallel, pool
 from dfkd_jax.models import Network, Output
 
-State = dict[str, Any]  # the train state: student, student_opt, synth (the method's own), rng, epoch, kd_step
+State = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +45,12 @@ class Method:
     """Base class: subclasses set `name` and implement `init`, `plan`, `synthesize` and `student_batch`."""
 
     name = "method"
+    # Subtrees of `state["synth"]` whose leaves have a batch (or pool-capacity) axis first: sharded on `data`.
+    # Everything else is replicated; tests/test_engine.py fails for a batch-leading leaf left out here.
+    batch_sharded: tuple[str, ...] = ()
+    # Ranges of this method's own config fields, checked with the shared ones before anything is written
+    # (`dfkd_jax.validate`): {"synthesis.g_steps": validate.integer(1), ...}.
+    CONFIG_RULES: dict = {}
 
     def __init__(self, config: ml_collections.ConfigDict, teacher: Network, student: Network,
                  mesh: jax.sharding.Mesh):
@@ -53,19 +70,39 @@ class Method:
         raise NotImplementedError
 
     def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
-        """One synthesis phase (host loop over jitted steps). Returns the state and mean measurements."""
+        """One synthesis phase (host loop over jitted steps). Returns the state and mean measurements; `on_step(
+        images, measurements)` is called after every step (progress, and the trainer's non-finite check)."""
         raise NotImplementedError
 
     def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        """Traced inside the student step: {"images": (B, H, W, C) in [0, 1], ...}."""
+        """Traced inside the student step: {"images": (B, H, W, C) in [0, 1], and whatever the method's loss reads:
+        "labels", "groups", ...}."""
         raise NotImplementedError
 
-    # ---------------------------------------------------------------------------------------- defaults
-    def student_loss(self, student_out: Output, teacher_out: Output, batch: dict) -> tuple[jax.Array, dict]:
-        """KL_τ(s, t), the CMI/Fast/NAYER distillation loss."""
-        loss = losses.kl_divergence(student_out.logits, teacher_out.logits, self.config.student.temperature)
-        return loss, {"kd/kl": loss}
+    # --------------------------------------------------------------------------------- the student step
+    def init_extras(self, key: jax.Array) -> dict:
+        """Trainable parameters beside the student (`state["extras"]`): none by default."""
+        del key
+        return {}
 
+    def extras_optimizer(self, student_optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+        """How the extras are trained: by default like the student (same SGD, same schedule, own state)."""
+        return student_optimizer
+
+    def student_loss(self, student_out: Output, teacher_out: Output, batch: dict, extras: dict,
+                     synth: dict) -> tuple[jax.Array, dict, dict]:
+        """(loss, measurements, synth). Differentiated w.r.t. the student's parameters and `extras`; the returned
+        `synth` replaces the method's state (unchanged here; a memory bank would be written). Default: KL_τ(s, t),
+        the CMI/Fast/NAYER distillation loss."""
+        loss = losses.kl_divergence(student_out.logits, teacher_out.logits, self.config.student.temperature)
+        return loss, {"kd/kl": loss}, synth
+
+    def make_student_step(self, optimizer: optax.GradientTransformation):
+        """(state, teacher_variables) -> (state, measurements), jitted once by the trainer with the state donated.
+        Default: `dfkd_jax.distill.make_student_step` (the method's batch, its loss, one optimizer step)."""
+        return distill.make_student_step(self, optimizer)
+
+    # ---------------------------------------------------------------------------------------- defaults
     def kept_images(self, state: State) -> int | None:
         """How many synthetic images the method keeps (its pool), or None when it keeps none."""
         synth_pool = state["synth"].get("pool")
@@ -76,11 +113,34 @@ class Method:
         return None
 
     # ------------------------------------------------------------------------------------------ helpers
-    def constrain(self, tree):
-        return parallel.constrain_state(tree, self.mesh)
+    @property
+    def sharded_paths(self) -> tuple[str, ...]:
+        """The batch-sharded subtrees of the whole train state."""
+        return tuple(f"synth/{path}" for path in self.batch_sharded)
+
+    def constrain(self, state: State) -> State:
+        """Inside jit: pin every leaf of the train state to its declared sharding."""
+        return parallel.constrain_state(state, self.mesh, self.sharded_paths)
 
     def batch_constraint(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+
+    def pool_capacity(self, kept_batches: int, batch: int) -> int:
+        """Room for every batch the schedule keeps unless config.pool.capacity caps it (then the oldest are
+        overwritten), rounded up to a multiple of the device count."""
+        capacity = self.config.pool.capacity or max(kept_batches, 1) * batch
+        return parallel.round_up_to_devices(capacity, self.mesh)
+
+    def sample_pool(self, synth_pool: pool.Pool, key: jax.Array) -> dict:
+        """A student batch from the pool with crop + flip: {"images", "labels", "groups", "indices"}, sampled as
+        config.pool.sampling says (uniformly, or with every label at least twice)."""
+        sample_key, augment_key = jax.random.split(key)
+        batch = self.config.student.batch_size
+        if self.config.pool.sampling == "label_pairs":
+            drawn = pool.sample_label_pairs(synth_pool, sample_key, batch, self.num_classes)
+        else:
+            drawn = pool.sample(synth_pool, sample_key, batch)
+        return drawn | {"images": augment.random_crop_flip(self.batch_constraint(drawn["images"]), augment_key)}
 
 
 def class_balanced_targets(key: jax.Array, batch: int, num_classes: int) -> jax.Array:

@@ -3,7 +3,8 @@
 Per epoch: one batch of pixels, initialised N(0, 1) in the teacher's normalised space, takes `g_steps` Adam steps
 (lr 0.1, betas 0.5/0.99) on BN + CE(random sorted targets) + adv (−JS, τ = 3) + TV + L2, each step seeing the batch
 rolled by up to ±4 pixels and possibly flipped (one draw per batch), then clipped to valid pixel values. The
-lowest-loss batch goes to the pool; the student then takes `kd_steps` steps on the pool.
+lowest-loss batch goes to the pool with its targets; the student then takes `kd_steps` steps on the pool. The total
+variation is CMI's l1 form (`config.synthesis.tv_norm`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment, losses, pool
+from dfkd_jax import augment, losses, pool, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
 
 
 class DeepInversion(Method):
     name = "deepinv"
+    batch_sharded = ("pixels", "pixel_opt", "targets", "best_images", "pool")
+    CONFIG_RULES = {"synthesis.tv_norm": validate.choice(losses.TV_NORMS),
+                    "synthesis.adv_temperature": validate.positive()}
 
     def __init__(self, config, teacher, student, mesh):
         super().__init__(config, teacher, student, mesh)
@@ -36,11 +40,8 @@ class DeepInversion(Method):
         return {"pixels": pixels, "pixel_opt": self.optimizer.init(pixels),
                 "targets": jnp.zeros((self.batch,), jnp.int32), "best_loss": jnp.full((), jnp.inf, jnp.float32),
                 "best_images": jnp.zeros((self.batch, *self.image_shape)),
-                "pool": pool.create(self.pool_capacity(), self.image_shape, self.config.pool.dtype)}
-
-    def pool_capacity(self) -> int:
-        capacity = self.config.pool.capacity or max(self.config.schedule.epochs, 1) * self.batch
-        return -(-capacity // self.mesh.devices.size) * self.mesh.devices.size
+                "pool": pool.create(self.pool_capacity(self.config.schedule.epochs, self.batch), self.image_shape,
+                                    self.config.pool.dtype)}
 
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(cycles=1, kd_steps=self.config.schedule.kd_steps,
@@ -77,7 +78,7 @@ class DeepInversion(Method):
         teacher_out, _ = self.teacher.apply(teacher_variables, augmented, train=False)
         terms = {"synthesis/bn": losses.bn_statistics_loss(teacher_out.bn_inputs)[0],
                  "synthesis/ce": losses.cross_entropy(teacher_out.logits, targets),
-                 "synthesis/tv": losses.total_variation(normalised),
+                 "synthesis/tv": losses.total_variation(normalised, weights.tv_norm),
                  "synthesis/l2": losses.l2_prior(normalised)}
         loss = (weights.bn_weight * terms["synthesis/bn"] + weights.ce_weight * terms["synthesis/ce"]
                 + weights.tv_weight * terms["synthesis/tv"] + weights.l2_weight * terms["synthesis/l2"])
@@ -115,14 +116,12 @@ class DeepInversion(Method):
 
     def _end_round(self, state: State) -> tuple[State, dict]:
         synth = state["synth"]
-        new_pool = pool.add(synth["pool"], synth["best_images"])
+        new_pool = pool.add(synth["pool"], synth["best_images"], synth["targets"])
         return (self.constrain(state | {"synth": synth | {"pool": new_pool}}),
                 {"synthesis/best_loss": synth["best_loss"], "pool/size": new_pool["count"]})
 
     def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        sample_key, augment_key = jax.random.split(key)
-        images = pool.sample(synth["pool"], sample_key, self.config.student.batch_size)
-        return {"images": augment.random_crop_flip(self.batch_constraint(images), augment_key)}
+        return self.sample_pool(synth["pool"], key)
 
     def preview(self, state: State):
         return jax.device_get(state["synth"]["best_images"])[:100]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import losses
+from dfkd_jax import losses, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.layers import batch_moments
@@ -27,6 +27,9 @@ STUDENT_LOSSES = ("kl", "l1")
 
 class GenerativeAdversarial(Method):
     name = "generative"
+    CONFIG_RULES = {"synthesis.adversarial": validate.choice(tuple(ADVERSARIAL)),
+                    "student.loss": validate.choice(STUDENT_LOSSES), "synthesis.nz": validate.integer(1),
+                    "synthesis.ngf": validate.integer(1)}
 
     def __init__(self, config, teacher, student, mesh):
         super().__init__(config, teacher, student, mesh)
@@ -124,11 +127,11 @@ class GenerativeAdversarial(Method):
         images, _ = self.generate(synth["generator"], self._noise(key, self.config.student.batch_size))
         return {"images": jax.lax.stop_gradient(images)}
 
-    def student_loss(self, student_out, teacher_out, batch):
+    def student_loss(self, student_out, teacher_out, batch, extras, synth):
         if self.config.student.loss == "l1":  # DFAD: the student closes the gap the generator widens
             loss = losses.l1_distance(student_out.logits, teacher_out.logits)
-            return loss, {"kd/l1": loss}
-        return super().student_loss(student_out, teacher_out, batch)
+            return loss, {"kd/l1": loss}, synth
+        return super().student_loss(student_out, teacher_out, batch, extras, synth)
 
     def preview(self, state: State):
         z = jax.random.normal(jax.random.PRNGKey(0), (64, self.config.synthesis.nz))

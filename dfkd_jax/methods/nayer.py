@@ -3,9 +3,13 @@ and a pool of the best batch of each round.
 
 Per epoch: `g_loops` rounds (`warmup_g_loops` during the first `warmup` epochs); each round re-initialises the noisy
 layer, creates a fresh Adam, takes `g_steps` generator steps on 10·BN + 0.5·CE + 1.33·adv (adv only after warm-up)
-and adds the lowest-loss batch to the pool. Then `kd_steps` student steps on the pool (none during warm-up). The
-whole generator is rebuilt every `g_life` epochs. Upstream keeps the best loss across the rounds of one epoch; here
-each round keeps its own best (methods.md: "keep the lowest-loss batch" of the round).
+and adds the lowest-loss batch of the round (with the labels it was made for) to the pool. Then `kd_steps` student
+steps on the pool (none during warm-up). The whole generator is rebuilt every `g_life` epochs.
+
+Upstream's student mode during synthesis: `synthesize()` starts with `student.eval()` and calls `student.train()` at
+the end of every round, so from the second round of an epoch on the adversarial term sees the student with batch
+statistics and moves its running statistics. That is the default here too
+(config.synthesis.student_train_from_second_round; False keeps the student in eval mode throughout).
 """
 
 from __future__ import annotations
@@ -16,20 +20,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment, losses, pool
+from dfkd_jax import augment, losses, pool, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, class_balanced_targets, label_embedding, mean_metrics
 from dfkd_jax.models.generators import Generator, reinit_noisy_layer
 
 
 class Nayer(Method):
     name = "nayer"
+    batch_sharded = ("pool", "round/targets", "round/best_images")
+    CONFIG_RULES = {
+        "synthesis.g_loops": validate.integer(1), "synthesis.warmup_g_loops": validate.integer(1),
+        "synthesis.g_life": validate.integer(1), "synthesis.noisy_size": validate.integer(1),
+        "synthesis.embedding_dim": validate.integer(1), "synthesis.ngf": validate.integer(1),
+    }
 
     def __init__(self, config, teacher, student, mesh):
         super().__init__(config, teacher, student, mesh)
         synthesis = config.synthesis
         self.batch = synthesis.batch_size
         self.embeddings = jnp.asarray(label_embedding(self.num_classes, synthesis.embedding_dim,
-                                                      synthesis.label_embedding_file, config.seed))
+                                                      config.data.label_embedding_file, config.seed))
         self.generator, _ = Generator.create(
             "nayer", 0, embedding_size=self.embeddings.shape[1], batch_size=self.batch, chunk=self.num_classes,
             noisy_size=synthesis.noisy_size, ngf=synthesis.ngf, image_size=self.image_shape[0],
@@ -37,9 +47,12 @@ class Nayer(Method):
         self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
         self.rebuild_generator = jax.jit(self._rebuild_generator, donate_argnums=0)
         self.start_round = jax.jit(self._start_round, donate_argnums=0)
-        self.generator_step = {  # two variants compiled once each: the adversarial term costs a student pass
-            adversarial: jax.jit(functools.partial(self._generator_step, adversarial=adversarial), donate_argnums=0)
-            for adversarial in (False, True)}
+        # Three variants, compiled once each: warm-up (no adversarial term, which costs a student pass), and the
+        # adversarial term with the student in eval or in train mode.
+        self.generator_step = {
+            (adversarial, student_train): jax.jit(functools.partial(
+                self._generator_step, adversarial=adversarial, student_train=student_train), donate_argnums=0)
+            for adversarial, student_train in ((False, False), (True, False), (True, True))}
         self.end_round = jax.jit(self._end_round, donate_argnums=0)
 
     # -------------------------------------------------------------------------------------------- state
@@ -51,18 +64,17 @@ class Nayer(Method):
             "generator": variables,
             "generator_opt": self.optimizer.init(variables["params"]),
             "bn_ema": losses.init_bn_ema(channels),
-            "pool": pool.create(self.pool_capacity(), self.image_shape, self.config.pool.dtype),
+            "pool": pool.create(self.pool_capacity(self.kept_batches(), self.batch), self.image_shape,
+                                self.config.pool.dtype),
             "round": {"targets": jnp.zeros((self.batch,), jnp.int32), "best_loss": jnp.full((), jnp.inf, jnp.float32),
                       "best_images": jnp.zeros((self.batch, *self.image_shape)), "last_moments": zero_moments},
         }
 
-    def pool_capacity(self) -> int:
-        """Every batch the schedule keeps, unless config.pool.capacity caps it (then the oldest are overwritten)."""
+    def kept_batches(self) -> int:
+        """One batch per round of the whole schedule."""
         schedule, synthesis = self.config.schedule, self.config.synthesis
-        rounds = (min(schedule.warmup, schedule.epochs) * synthesis.warmup_g_loops
-                  + max(schedule.epochs - schedule.warmup, 0) * synthesis.g_loops)
-        capacity = self.config.pool.capacity or max(rounds, 1) * self.batch
-        return -(-capacity // self.mesh.devices.size) * self.mesh.devices.size
+        return (min(schedule.warmup, schedule.epochs) * synthesis.warmup_g_loops
+                + max(schedule.epochs - schedule.warmup, 0) * synthesis.g_loops)
 
     # --------------------------------------------------------------------------------------------- plan
     def in_warmup(self, epoch: int) -> bool:
@@ -85,9 +97,12 @@ class Nayer(Method):
         if self.rebuilds_generator(epoch):
             state = self.rebuild_generator(state)
         plan = self.plan(epoch)
-        step = self.generator_step[not self.in_warmup(epoch) and self.config.synthesis.adv_weight > 0]
+        adversarial = not self.in_warmup(epoch) and self.config.synthesis.adv_weight > 0
         history, round_history = [], []
-        for _ in range(plan.synthesis_steps // self.config.synthesis.g_steps):
+        for round_index in range(plan.synthesis_steps // self.config.synthesis.g_steps):
+            student_train = (adversarial and round_index > 0
+                             and self.config.synthesis.student_train_from_second_round)
+            step = self.generator_step[adversarial, student_train]
             state = self.start_round(state)
             for _ in range(self.config.synthesis.g_steps):
                 state, metrics = step(state, teacher_variables)
@@ -117,9 +132,11 @@ class Nayer(Method):
         return self.constrain(state | {"rng": rng, "synth": synth})
 
     def generator_loss(self, params, batch_stats, targets: jax.Array, crop: augment.CropFlip, bn_ema: dict,
-                       teacher_variables: dict, student_variables: dict, *, adversarial: bool):
+                       teacher_variables: dict, student_variables: dict, *, adversarial: bool,
+                       student_train: bool = False):
         """10·BN + 0.5·CE + 1.33·adv of the batch the generator makes for `targets`, seen through the crop/flip
-        draw `crop`. Returns (loss, (images, batch_stats, moments, terms))."""
+        draw `crop`; with `student_train` the adversarial term runs the student in train mode (batch statistics).
+        Returns (loss, (images, batch_stats, moments, terms, the student's batch statistics))."""
         weights = self.config.synthesis
         embeddings = self.batch_constraint(self.embeddings[targets])
         images, batch_stats = self.generator.apply({"params": params, "batch_stats": batch_stats}, embeddings,
@@ -130,46 +147,51 @@ class Nayer(Method):
         bn, moments = losses.bn_statistics_loss(teacher_out.bn_inputs, bn_ema, weights.bn_momentum)
         ce = losses.cross_entropy(teacher_out.logits, jax.nn.one_hot(targets, self.num_classes))
         terms = {"synthesis/bn": bn, "synthesis/ce": ce}
+        student_batch_stats = student_variables["batch_stats"]
         if adversarial:
-            student_out, _ = self.student.apply(student_variables, augmented, train=False)
+            student_out, student_batch_stats = self.student.apply(student_variables, augmented, train=student_train)
             terms["synthesis/adv"] = losses.adversarial_masked_kl(student_out.logits, teacher_out.logits)
         loss = weights.bn_weight * bn + weights.ce_weight * ce + weights.adv_weight * terms.get("synthesis/adv", 0.0)
-        return loss, (images, batch_stats, moments, terms)
+        return loss, (images, batch_stats, moments, terms, student_batch_stats)
 
     def generator_update(self, generator_variables: dict, generator_opt, targets: jax.Array,
                          crop: augment.CropFlip, bn_ema: dict, teacher_variables: dict, student_variables: dict, *,
-                         adversarial: bool):
+                         adversarial: bool, student_train: bool = False):
         """One Adam step of the generator on explicit inputs, the core of a NAYER step (the benchmark and the
         PyTorch parity tests call it with fixed draws). Returns (variables, opt state, loss, terms, images made
-        before the update, BN-input moments)."""
+        before the update, BN-input moments, the student's batch statistics after its forward pass)."""
         params = generator_variables["params"]
-        (loss, (images, batch_stats, moments, terms)), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-            params, generator_variables["batch_stats"], targets, crop, bn_ema, teacher_variables, student_variables,
-            adversarial=adversarial)
+        (loss, (images, batch_stats, moments, terms, student_batch_stats)), grads = jax.value_and_grad(
+            self.generator_loss, has_aux=True)(params, generator_variables["batch_stats"], targets, crop, bn_ema,
+                                               teacher_variables, student_variables, adversarial=adversarial,
+                                               student_train=student_train)
         updates, generator_opt = self.optimizer.update(grads, generator_opt, params)
         generator_variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
-        return generator_variables, generator_opt, loss, terms, images, moments
+        return generator_variables, generator_opt, loss, terms, images, moments, student_batch_stats
 
-    def _generator_step(self, state: State, teacher_variables: dict, *, adversarial: bool) -> tuple[State, dict]:
+    def _generator_step(self, state: State, teacher_variables: dict, *, adversarial: bool,
+                        student_train: bool) -> tuple[State, dict]:
         rng, augment_key = jax.random.split(state["rng"])
         synth = state["synth"]
         round_state = synth["round"]
         crop = augment.crop_flip_params(augment_key, self.batch)
-        generator, generator_opt, loss, terms, images, moments = self.generator_update(
+        generator, generator_opt, loss, terms, images, moments, student_batch_stats = self.generator_update(
             synth["generator"], synth["generator_opt"], round_state["targets"], crop, synth["bn_ema"],
-            teacher_variables, state["student"], adversarial=adversarial)
+            teacher_variables, state["student"], adversarial=adversarial, student_train=student_train)
         better = loss < round_state["best_loss"]  # upstream keeps the batch made before the update
         round_state = round_state | {
             "best_loss": jnp.where(better, loss, round_state["best_loss"]),
             "best_images": jnp.where(better, jax.lax.stop_gradient(images), round_state["best_images"]),
             "last_moments": moments}
         synth = synth | {"generator": generator, "generator_opt": generator_opt, "round": round_state}
-        return self.constrain(state | {"rng": rng, "synth": synth}), {"synthesis/loss": loss, **terms}
+        student = state["student"] | {"batch_stats": student_batch_stats}
+        return (self.constrain(state | {"rng": rng, "synth": synth, "student": student}),
+                {"synthesis/loss": loss, **terms})
 
     def _end_round(self, state: State) -> tuple[State, dict]:
         synth = state["synth"]
         round_state = synth["round"]
-        new_pool = pool.add(synth["pool"], round_state["best_images"])
+        new_pool = pool.add(synth["pool"], round_state["best_images"], round_state["targets"])
         ema = synth["bn_ema"]
         if self.config.synthesis.bn_momentum > 0:
             ema = losses.update_bn_ema(ema, round_state["last_moments"], self.config.synthesis.bn_momentum)
@@ -179,9 +201,7 @@ class Nayer(Method):
 
     # ------------------------------------------------------------------------------------------ student
     def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        sample_key, augment_key = jax.random.split(key)
-        images = pool.sample(synth["pool"], sample_key, self.config.student.batch_size)
-        return {"images": augment.random_crop_flip(self.batch_constraint(images), augment_key)}
+        return self.sample_pool(synth["pool"], key)
 
     def preview(self, state: State):
         return jax.device_get(state["synth"]["round"]["best_images"])[:100]
