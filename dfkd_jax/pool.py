@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 # {"images": (capacity, H, W, C), "labels": (capacity,) int32, "groups": (capacity,) int32, "count": () int32,
-#  "next": () int32}; every leaf with a capacity axis is batch-sharded (methods declare "pool" as such).
+#  "next": () int32, "order": (capacity,) int32, "cursor": () int32}; every leaf with a capacity axis is
+# batch-sharded (methods declare "pool" as such). `order` and `cursor` serve `sample_shuffled`.
 Pool = dict
 
 DTYPES = {"uint8": jnp.uint8, "float32": jnp.float32}
-SAMPLING = ("uniform", "label_pairs")
+SAMPLING = ("uniform", "shuffled", "label_pairs")
 
 
 def create(capacity: int, image_shape: tuple[int, int, int], dtype: str = "uint8") -> Pool:
@@ -28,7 +29,11 @@ def create(capacity: int, image_shape: tuple[int, int, int], dtype: str = "uint8
         raise ValueError(f"pool capacity must be positive, got {capacity}")
     return {"images": jnp.zeros((capacity, *image_shape), DTYPES[dtype]),
             "labels": jnp.full((capacity,), -1, jnp.int32), "groups": jnp.full((capacity,), -1, jnp.int32),
-            "count": jnp.zeros((), jnp.int32), "next": jnp.zeros((), jnp.int32)}
+            "count": jnp.zeros((), jnp.int32), "next": jnp.zeros((), jnp.int32),
+            "order": jnp.arange(capacity, dtype=jnp.int32), "cursor": jnp.full((), _RESHUFFLE, jnp.int32)}
+
+
+_RESHUFFLE = 2 ** 30  # a cursor past any pool: the next shuffled draw starts a new order
 
 
 def _store(images: jax.Array, dtype) -> jax.Array:
@@ -55,9 +60,11 @@ def add(pool: Pool, images_bhwc: jax.Array, labels_b: jax.Array | None = None,
     missing = jnp.full((batch,), -1, jnp.int32)
     labels = missing if labels_b is None else jnp.asarray(labels_b, jnp.int32)
     groups = missing if groups_b is None else jnp.asarray(groups_b, jnp.int32)
-    return {"images": pool["images"].at[slots].set(_store(images_bhwc, pool["images"].dtype)),
-            "labels": pool["labels"].at[slots].set(labels), "groups": pool["groups"].at[slots].set(groups),
-            "count": jnp.minimum(pool["count"] + batch, capacity), "next": (pool["next"] + batch) % capacity}
+    # A new batch restarts the shuffled order, as upstream rebuilds its data loader after every round.
+    return pool | {"images": pool["images"].at[slots].set(_store(images_bhwc, pool["images"].dtype)),
+                   "labels": pool["labels"].at[slots].set(labels), "groups": pool["groups"].at[slots].set(groups),
+                   "count": jnp.minimum(pool["count"] + batch, capacity), "next": (pool["next"] + batch) % capacity,
+                   "cursor": jnp.full((), _RESHUFFLE, jnp.int32)}
 
 
 def _gather(pool: Pool, indices: jax.Array) -> dict:
@@ -75,6 +82,22 @@ def sample(pool: Pool, key: jax.Array, batch: int) -> dict:
     """
     indices = jax.random.randint(key, (batch,), 0, jnp.maximum(pool["count"], 1))
     return _gather(pool, indices)
+
+
+def sample_shuffled(pool: Pool, key: jax.Array, batch: int) -> tuple[dict, Pool]:
+    """Like `sample`, but without replacement, as upstream's `DataLoader(pool, shuffle=True)`: the filled entries in
+    a random order, `batch` at a time; when fewer than `batch` are left, a new order (upstream would yield that short
+    batch first: dropped here to keep one compiled shape). `add` restarts the order, as upstream rebuilds its loader
+    after every round. A pool smaller than a batch repeats its order within the batch. Returns (batch, pool)."""
+    capacity = pool["order"].shape[0]
+    count = jnp.maximum(pool["count"], 1)
+    filled = jnp.arange(capacity) < pool["count"]
+    exhausted = pool["cursor"] + batch > count
+    fresh_order = jnp.argsort(jnp.where(filled, jax.random.uniform(key, (capacity,)), 2.0)).astype(jnp.int32)
+    order = jnp.where(exhausted, fresh_order, pool["order"])
+    cursor = jnp.where(exhausted, 0, pool["cursor"])
+    indices = order[(cursor + jnp.arange(batch)) % count]
+    return _gather(pool, indices), pool | {"order": order, "cursor": cursor + batch}
 
 
 def sample_label_pairs(pool: Pool, key: jax.Array, batch: int, num_classes: int) -> dict:

@@ -241,6 +241,47 @@ def test_label_pair_sampling_gives_every_anchor_a_partner_of_its_label():
     assert set(np.unique(labels[anchors])) == set(np.flatnonzero(counts))  # anchors reach every class present
 
 
+def test_shuffled_sampling_draws_each_entry_once_per_pass_like_a_shuffled_data_loader():
+    p = pool.add(pool.create(40, (1, 1, 1), "float32"), _constant_batch(np.arange(30) / 30, (1, 1, 1)),
+                 np.arange(30, dtype=np.int32))
+    draw = jax.jit(pool.sample_shuffled, static_argnums=2)
+    passes, key = [], jax.random.key(0)
+    for _ in range(3):  # three passes of three batches of 10 over the 30 entries
+        seen = []
+        for _ in range(3):
+            key, step_key = jax.random.split(key)
+            drawn, p = draw(p, step_key, 10)
+            seen += np.asarray(drawn["labels"]).tolist()
+            np.testing.assert_allclose(np.asarray(drawn["images"]).ravel(), np.asarray(drawn["labels"]) / 30,
+                                       rtol=1e-6)
+        assert sorted(seen) == list(range(30))  # without replacement, every entry once per pass
+        passes.append(seen)
+    assert passes[0] != passes[1] != passes[2]  # reshuffled for each pass
+    # 30 entries in batches of 8: the short last batch (6) is dropped and a new order starts.
+    seen = []
+    for _ in range(3):
+        key, step_key = jax.random.split(key)
+        drawn, p = draw(p, step_key, 8)
+        seen.append(np.asarray(drawn["labels"]).tolist())
+    assert len(set(sum(seen, []))) == 24
+    key, step_key = jax.random.split(key)
+    _, p = draw(p, step_key, 8)
+    assert int(p["cursor"]) == 8  # the 4th batch of 8 started a new pass
+    # Adding a batch restarts the order (upstream rebuilds its loader after every round) and covers the new entries.
+    p = pool.add(p, _constant_batch([0.99] * 10, (1, 1, 1)), np.full(10, 99, np.int32))
+    labels = []
+    for _ in range(4):
+        key, step_key = jax.random.split(key)
+        drawn, p = draw(p, step_key, 10)
+        labels += np.asarray(drawn["labels"]).tolist()
+    assert sorted(labels) == sorted(list(range(30)) + [99] * 10)
+    # A pool smaller than a batch repeats its entries within the batch.
+    small = pool.add(pool.create(8, (1, 1, 1), "float32"), _constant_batch([0.1, 0.2, 0.3], (1, 1, 1)),
+                     np.int32([1, 2, 3]))
+    drawn, _ = draw(small, jax.random.key(1), 6)
+    assert sorted(np.asarray(drawn["labels"]).tolist()) == [1, 1, 2, 2, 3, 3]
+
+
 def test_label_pair_sampling_needs_an_even_batch():
     with pytest.raises(ValueError, match="even batch"):
         pool.sample_label_pairs(pool.create(4, (2, 2, 1)), jax.random.key(0), 5, 10)

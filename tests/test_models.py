@@ -252,3 +252,45 @@ def test_conditional_generators_follow_the_labels_and_train_only_the_rows_they_u
     assert tables, "no per-class table found"
     for table in tables:  # rows of labels 2 and 4 were not used: no gradient reaches them
         assert np.all(table[[2, 4]] == 0) and np.any(table[[0, 1, 3]] != 0)
+
+
+# ---------------------------------------------------------------------------------------------- initialisation
+
+def _std_and_bound(variables, name):
+    leaves = dict((".".join(map(str, path)), np.asarray(v[...])) for path, v in nnx.to_flat_state(variables["params"]))
+    return leaves[name]
+
+
+@pytest.mark.parametrize("arch, options, expect", [
+    # (leaf, what the layout's PyTorch code draws it from), worked out from each code's init call:
+    # akamaster `_weights_init`: kaiming_normal_(w) on convs and the Linear -> N(0, 2 / fan_in).
+    ("resnet20", {"shortcut": "A"}, {"layer3.0.conv1.kernel": ("normal", (2 / (9 * 32)) ** 0.5),
+                                     "linear.kernel": ("normal", (2 / 64) ** 0.5)}),
+    # chenyaofo: kaiming_normal_(w, mode="fan_out") on convs; the Linear at PyTorch's default U(±1/sqrt(fan_in)).
+    ("resnet20", {"shortcut": "B"}, {"layer3.0.conv1.kernel": ("normal", (2 / (9 * 64)) ** 0.5),
+                                     "linear.kernel": ("uniform", 1 / 64 ** 0.5)}),
+    # CMI's resnet18/34 have no init code: PyTorch's default U(±1/sqrt(fan_in)) everywhere.
+    ("resnet18", {}, {"layer4.0.conv1.kernel": ("uniform", 1 / (9 * 256) ** 0.5),
+                      "linear.kernel": ("uniform", 1 / 512 ** 0.5)}),
+    # ZSKT's WRN: normal_(0, sqrt(2 / (k·k·out))) convs, the fc bias zeroed.
+    ("wrn_16_2", {}, {"block3.layer.0.conv1.kernel": ("normal", (2 / (9 * 128)) ** 0.5), "fc.bias": ("zero", 0)}),
+    # RepDistiller's VGG: normal_(0, sqrt(2 / (k·k·out))) convs with zero bias; Linear N(0, 0.01), bias 0.
+    ("vgg8_bn", {}, {"block3.0.kernel": ("normal", (2 / (9 * 512)) ** 0.5), "block3.0.bias": ("zero", 0),
+                     "classifier.kernel": ("normal", 0.01), "classifier.bias": ("zero", 0)}),
+])
+def test_each_family_is_initialised_as_its_pytorch_layout_s_code_does(arch, options, expect):
+    network, variables = Network.create(NetworkSpec(arch, 100, options), seed=3)
+    for name, (kind, scale) in expect.items():
+        values = _std_and_bound(variables, name).ravel()
+        if kind == "zero":
+            assert np.all(values == 0), name
+        elif kind == "normal":  # sample std within 3% (tensors of 40k+ values), unbounded tails
+            assert abs(values.std() / scale - 1) < 0.03 and abs(values.mean()) < 0.05 * scale, name
+            assert np.abs(values).max() > 2.5 * scale, f"{name}: looks truncated or uniform"
+        else:  # uniform on [-scale, scale]: std scale/√3, never beyond the bound
+            assert np.abs(values).max() <= scale and abs(values.std() / (scale / 3 ** 0.5) - 1) < 0.03, name
+    # The old single scheme stays reachable: kaiming fan-out convs everywhere (config.student.init).
+    _, legacy = Network.create(NetworkSpec(arch, 100, options), seed=3, init="kaiming_fan_out")
+    conv = next(name for name in expect if "conv" in name or name.startswith("block"))
+    fan_out = 9 * _std_and_bound(legacy, conv).shape[-1]
+    assert abs(_std_and_bound(legacy, conv).std() / (2 / fan_out) ** 0.5 - 1) < 0.03

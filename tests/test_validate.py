@@ -27,6 +27,8 @@ CASES = [
     ("nayer", "student.eta_min", -0.1, "a number >= 0"),
     ("nayer", "student.schedule", "linear", "one of 'cosine', 'warmup_cosine', 'multistep', 'constant'"),
     ("nayer", "student.warmup_epochs", -2, "an integer >= 0"),
+    ("nayer", "student.init", "xavier", "one of 'upstream', 'kaiming_fan_in', 'kaiming_fan_out', 'torch_default', "
+                                        "'wrn', 'vgg'"),
     ("deepinv", "student.milestones", (0.75, 0.6), "increasing fractions of training in (0, 1]"),
     ("deepinv", "student.milestones", (0.6, 1.5), "increasing fractions of training in (0, 1]"),
     ("nayer", "synthesis.batch_size", -16, "an integer >= 1"),
@@ -58,7 +60,7 @@ CASES = [
     ("nayer", "data.image_shape", (32, 32, 1), "(height, width, 3) with height and width positive multiples of 4"),
     ("nayer", "pool.capacity", -1, "an integer >= 0"),
     ("nayer", "pool.dtype", "float16", "one of 'uint8', 'float32'"),
-    ("nayer", "pool.sampling", "balanced", "one of 'uniform', 'label_pairs'"),
+    ("nayer", "pool.sampling", "balanced", "one of 'uniform', 'shuffled', 'label_pairs'"),
     ("nayer", "eval.every_epochs", 0, "an integer >= 1"),
     ("nayer", "eval.batch_size", 0, "an integer >= 1"),
     ("nayer", "checkpoint.every_epochs", 0, "an integer >= 1"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +12,52 @@ from flax import nnx
 
 from dfkd_jax.models.conv import Conv
 
-# PyTorch's conv weight init in the CIFAR zoos (kaiming_normal_, mode='fan_out', nonlinearity='relu').
-conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'), the same as normal_(0, sqrt(2 / (k·k·out_channels))).
+kaiming_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# kaiming_normal_() with its defaults: fan_in, gain √2.
+kaiming_normal_fan_in = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's Conv2d / Linear default, kaiming_uniform_(a=√5): U(±1/sqrt(fan_in)).
+torch_default = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, use_bias: bool = False,
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How a network's layers start. A data-free student is trained from scratch, so its initialisation is part of a
+    method's behaviour: each family follows the code of the PyTorch layout it mirrors (`INITS`, `FAMILY_INIT` in
+    zoo.py). A bias init of None is PyTorch's default, U(±1/sqrt(fan_in)); BatchNorm always starts at (1, 0)."""
+
+    conv_kernel: Callable
+    linear_kernel: Callable
+    conv_bias: Callable | None = None
+    linear_bias: Callable | None = None
+
+
+INITS = {
+    # akamaster's He ResNets: `_weights_init` runs kaiming_normal_(m.weight) on every Conv2d and Linear.
+    "kaiming_fan_in": Init(kaiming_normal_fan_in, kaiming_normal_fan_in),
+    # chenyaofo's He ResNets: kaiming_normal_(fan_out, relu) on convs, the Linear left at PyTorch's default. This
+    # project used it for every family before (config.student.init = "kaiming_fan_out" restores that).
+    "kaiming_fan_out": Init(kaiming_normal_fan_out, torch_default),
+    # CMI / Fast / NAYER's resnet18/34: no init code at all.
+    "torch_default": Init(torch_default, torch_default),
+    # ZSKT's WideResNet (CMI's wresnet.py): normal_(0, sqrt(2/n)) convs, the Linear's bias zeroed.
+    "wrn": Init(kaiming_normal_fan_out, torch_default, linear_bias=jax.nn.initializers.zeros),
+    # RepDistiller's VGG (`_initialize_weights`): normal_(0, sqrt(2/n)) convs with zero bias, Linear N(0, 0.01) and 0.
+    "vgg": Init(kaiming_normal_fan_out, jax.nn.initializers.normal(0.01), conv_bias=jax.nn.initializers.zeros,
+                linear_bias=jax.nn.initializers.zeros),
+}
+
+
+def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, use_bias: bool = False, init: Init,
             rngs: nnx.Rngs) -> Conv:
-    # Explicit (1, 1) padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch's padding=1. PyTorch's
-    # default bias init for the VGG convs: U(±1/sqrt(fan_in)).
-    return Conv(in_channels, out_channels, 3, stride=stride, padding=1, use_bias=use_bias, kernel_init=conv_init,
-                bias_init=symmetric_uniform(1.0 / (9 * in_channels) ** 0.5), rngs=rngs)
+    # Explicit (1, 1) padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch's padding=1.
+    return Conv(in_channels, out_channels, 3, stride=stride, padding=1, use_bias=use_bias,
+                kernel_init=init.conv_kernel,
+                bias_init=init.conv_bias or symmetric_uniform(1.0 / (9 * in_channels) ** 0.5), rngs=rngs)
 
 
-def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1, rngs: nnx.Rngs) -> Conv:
-    return Conv(in_channels, out_channels, 1, stride=stride, kernel_init=conv_init, rngs=rngs)
+def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1, init: Init, rngs: nnx.Rngs) -> Conv:
+    return Conv(in_channels, out_channels, 1, stride=stride, kernel_init=init.conv_kernel, rngs=rngs)
 
 
 def symmetric_uniform(bound: float):
@@ -35,9 +67,9 @@ def symmetric_uniform(bound: float):
     return init
 
 
-def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, kernel_init=linear_init,
-                      bias_init=symmetric_uniform(1.0 / in_features ** 0.5), rngs=rngs)
+def linear(in_features: int, out_features: int, *, init: Init, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, kernel_init=init.linear_kernel,
+                      bias_init=init.linear_bias or symmetric_uniform(1.0 / in_features ** 0.5), rngs=rngs)
 
 
 def global_avg_pool(x_bhwc: jax.Array) -> jax.Array:

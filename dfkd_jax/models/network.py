@@ -51,8 +51,8 @@ class NetworkSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
-    def build(self, rngs: nnx.Rngs) -> nnx.Module:
-        return zoo.build(self.arch, self.num_classes, rngs=rngs, **self.options)
+    def build(self, rngs: nnx.Rngs, init: str = "upstream") -> nnx.Module:
+        return zoo.build(self.arch, self.num_classes, rngs=rngs, init=init, **self.options)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"mean": list(self.mean), "std": list(self.std)}
@@ -86,14 +86,14 @@ class Network:
     graphdef: nnx.GraphDef
 
     @classmethod
-    def create(cls, spec: NetworkSpec, seed: int = 0) -> tuple["Network", Variables]:
-        """A network with freshly initialised variables (PyTorch zoo initialisers)."""
-        graphdef, params, batch_stats = nnx.split(spec.build(nnx.Rngs(seed)), nnx.Param, nnx.BatchStat)
+    def create(cls, spec: NetworkSpec, seed: int = 0, init: str = "upstream") -> tuple["Network", Variables]:
+        """A network with freshly initialised variables (as its PyTorch layout's code initialises it)."""
+        graphdef, params, batch_stats = nnx.split(spec.build(nnx.Rngs(seed), init), nnx.Param, nnx.BatchStat)
         return cls(spec, graphdef), {"params": params, "batch_stats": batch_stats}
 
-    def init(self, key: jax.Array) -> Variables:
-        """Fresh variables from a PRNG key (jittable)."""
-        _, params, batch_stats = nnx.split(self.spec.build(nnx.Rngs(params=key)), nnx.Param, nnx.BatchStat)
+    def init(self, key: jax.Array, init: str = "upstream") -> Variables:
+        """Fresh variables from a PRNG key (jittable); `init` as in `zoo.build`."""
+        _, params, batch_stats = nnx.split(self.spec.build(nnx.Rngs(params=key), init), nnx.Param, nnx.BatchStat)
         return {"params": params, "batch_stats": batch_stats}
 
     @classmethod

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfkd_jax.models.layers import BatchNorm, conv1x1, conv3x3, global_avg_pool, linear
+from dfkd_jax.models.layers import INITS, BatchNorm, Init, conv1x1, conv3x3, global_avg_pool, linear
 
 Shortcut = Literal["A", "B"]
 
@@ -21,15 +21,16 @@ Shortcut = Literal["A", "B"]
 class BasicBlock(nnx.Module):
     """conv3x3 → BN → ReLU → conv3x3 → BN, plus shortcut, then ReLU."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: Shortcut, *, rngs: nnx.Rngs):
-        self.conv1 = conv3x3(in_planes, planes, stride=stride, rngs=rngs)
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: Shortcut, *, init: Init, rngs: nnx.Rngs):
+        self.conv1 = conv3x3(in_planes, planes, stride=stride, init=init, rngs=rngs)
         self.bn1 = BatchNorm(planes)
-        self.conv2 = conv3x3(planes, planes, rngs=rngs)
+        self.conv2 = conv3x3(planes, planes, init=init, rngs=rngs)
         self.bn2 = BatchNorm(planes)
         reshapes = stride != 1 or in_planes != planes
         # Option A (akamaster): parameter-free subsample + zero-pad of planes//4 channels on each side.
         self.zero_pad = planes // 4 if reshapes and shortcut == "A" else 0
-        self.shortcut = (nnx.List([conv1x1(in_planes, planes, stride=stride, rngs=rngs), BatchNorm(planes)])
+        self.shortcut = (nnx.List([conv1x1(in_planes, planes, stride=stride, init=init, rngs=rngs),
+                                   BatchNorm(planes)])
                          if reshapes and shortcut == "B" else None)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -51,21 +52,21 @@ class CifarResNet(nnx.Module):
     """3×3 stem (no max-pool) → stages of BasicBlocks (stride 2 from the second stage) → global pool → linear."""
 
     def __init__(self, blocks_per_stage: Sequence[int], widths: Sequence[int], num_classes: int,
-                 shortcut: Shortcut, *, rngs: nnx.Rngs):
+                 shortcut: Shortcut, *, init: Init, rngs: nnx.Rngs):
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        self.conv1 = conv3x3(3, widths[0], rngs=rngs)
+        self.conv1 = conv3x3(3, widths[0], init=init, rngs=rngs)
         self.bn1 = BatchNorm(widths[0])
         in_planes = widths[0]
         for stage, (num_blocks, planes) in enumerate(zip(blocks_per_stage, widths)):
             blocks = []
             for i in range(num_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, shortcut, rngs=rngs))
+                blocks.append(BasicBlock(in_planes, planes, stride, shortcut, init=init, rngs=rngs))
                 in_planes = planes
             setattr(self, f"layer{stage + 1}", nnx.List(blocks))
         self.num_stages = len(widths)
-        self.linear = linear(in_planes, num_classes, rngs=rngs)
+        self.linear = linear(in_planes, num_classes, init=init, rngs=rngs)
 
     def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
         """(logits, penultimate features, the output of each stage `layer{k}`)."""
@@ -79,17 +80,23 @@ class CifarResNet(nnx.Module):
         return self.linear(features), features, tuple(stages)
 
 
-def he_resnet(depth: int, num_classes: int, *, shortcut: Shortcut = "A", rngs: nnx.Rngs) -> CifarResNet:
-    """He et al. (2016) CIFAR ResNet of depth 6n+2, widths 16/32/64."""
+def he_resnet(depth: int, num_classes: int, *, shortcut: Shortcut = "A", init: Init | None = None,
+              rngs: nnx.Rngs) -> CifarResNet:
+    """He et al. (2016) CIFAR ResNet of depth 6n+2, widths 16/32/64. Initialised as the layout's own code does:
+    akamaster's (shortcut A) kaiming_normal_ fan-in on convs and the Linear, chenyaofo's (B) fan-out convs."""
     if (depth - 2) % 6:
         raise ValueError(f"He CIFAR ResNet depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
-    return CifarResNet((n, n, n), (16, 32, 64), num_classes, shortcut, rngs=rngs)
+    init = init or INITS["kaiming_fan_in" if shortcut == "A" else "kaiming_fan_out"]
+    return CifarResNet((n, n, n), (16, 32, 64), num_classes, shortcut, init=init, rngs=rngs)
 
 
-def resnet18(num_classes: int, *, rngs: nnx.Rngs) -> CifarResNet:
-    return CifarResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, "B", rngs=rngs)
+def resnet18(num_classes: int, *, init: Init | None = None, rngs: nnx.Rngs) -> CifarResNet:
+    """CMI's ResNet-18 for CIFAR, with PyTorch's default initialisation (its code has no other)."""
+    return CifarResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, "B", init=init or INITS["torch_default"],
+                       rngs=rngs)
 
 
-def resnet34(num_classes: int, *, rngs: nnx.Rngs) -> CifarResNet:
-    return CifarResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, "B", rngs=rngs)
+def resnet34(num_classes: int, *, init: Init | None = None, rngs: nnx.Rngs) -> CifarResNet:
+    return CifarResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, "B", init=init or INITS["torch_default"],
+                       rngs=rngs)

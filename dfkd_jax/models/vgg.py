@@ -11,28 +11,30 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from dfkd_jax.models.layers import BatchNorm, conv3x3, global_avg_pool, linear, max_pool_2x2
+from dfkd_jax.models.layers import INITS, BatchNorm, Init, conv3x3, global_avg_pool, linear, max_pool_2x2
 
 VGG8_WIDTHS = ((64,), (128,), (256,), (512,), (512,))
 VGG11_WIDTHS = ((64,), (128,), (256, 256), (512, 512), (512, 512))
 
 
-def _block(in_channels: int, widths: Sequence[int], rngs: nnx.Rngs) -> nnx.List:
+def _block(in_channels: int, widths: Sequence[int], init: Init, rngs: nnx.Rngs) -> nnx.List:
     layers = []
     for width in widths:
-        layers += [conv3x3(in_channels, width, use_bias=True, rngs=rngs), BatchNorm(width), jax.nn.relu]
+        layers += [conv3x3(in_channels, width, use_bias=True, init=init, rngs=rngs), BatchNorm(width), jax.nn.relu]
         in_channels = width
     return nnx.List(layers[:-1])
 
 
 class VGG(nnx.Module):
-    def __init__(self, block_widths: Sequence[Sequence[int]], num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, block_widths: Sequence[Sequence[int]], num_classes: int, *, init: Init | None = None,
+                 rngs: nnx.Rngs):
+        init = init or INITS["vgg"]  # RepDistiller's `_initialize_weights`
         in_channels = 3
         for k, widths in enumerate(block_widths):
-            setattr(self, f"block{k}", _block(in_channels, widths, rngs))
+            setattr(self, f"block{k}", _block(in_channels, widths, init, rngs))
             in_channels = widths[-1]
         self.num_blocks = len(block_widths)
-        self.classifier = linear(in_channels, num_classes, rngs=rngs)
+        self.classifier = linear(in_channels, num_classes, init=init, rngs=rngs)
 
     def __call__(self, x_bhwc: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
         """(logits, penultimate features, the output of each `block{k}` after its ReLU and before its pool, as
@@ -52,9 +54,9 @@ class VGG(nnx.Module):
         return self.classifier(features), features, tuple(stages)
 
 
-def vgg8_bn(num_classes: int, *, rngs: nnx.Rngs) -> VGG:
-    return VGG(VGG8_WIDTHS, num_classes, rngs=rngs)
+def vgg8_bn(num_classes: int, *, init: Init | None = None, rngs: nnx.Rngs) -> VGG:
+    return VGG(VGG8_WIDTHS, num_classes, init=init, rngs=rngs)
 
 
-def vgg11_bn(num_classes: int, *, rngs: nnx.Rngs) -> VGG:
-    return VGG(VGG11_WIDTHS, num_classes, rngs=rngs)
+def vgg11_bn(num_classes: int, *, init: Init | None = None, rngs: nnx.Rngs) -> VGG:
+    return VGG(VGG11_WIDTHS, num_classes, init=init, rngs=rngs)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from dfkd_jax.models import resnet, vgg, wrn
+from dfkd_jax.models.layers import INITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,14 @@ def check_arch(arch: str, options: dict[str, Any]) -> None:
             raise ValueError(f"option {name}={value!r} of {arch!r} must be one of {allowed[name]}")
 
 
-def build(arch: str, num_classes: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:
+INIT_CHOICES = ("upstream", *INITS)  # "upstream": each family as its layout's code (see layers.INITS)
+
+
+def build(arch: str, num_classes: int, *, rngs: nnx.Rngs, init: str = "upstream", **options) -> nnx.Module:
+    """A fresh network; `init` = "upstream" initialises it as the PyTorch code of its layout does, a name of
+    `layers.INITS` forces that scheme on every family."""
     check_arch(arch, options)
-    return get(arch).build(num_classes, rngs=rngs, **options)
+    if init not in INIT_CHOICES:
+        raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+    scheme = None if init == "upstream" else INITS[init]
+    return get(arch).build(num_classes, rngs=rngs, init=scheme, **options)
