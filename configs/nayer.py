@@ -21,6 +21,17 @@ epochs), generator rebuilt every 10 epochs, 400 student steps of 512 per epoch, 
   the student's running statistics. False: eval mode throughout (this project's behaviour before).
 - Best batch: upstream's `best_cost` is reset by the first step of every round (`or best_inputs is None`), so each
   round keeps its own lowest-loss batch; same here.
+- Student initialisation (config.student.init, default "upstream"): as the student's layout's own PyTorch code does
+  (akamaster's resnet20: kaiming_normal_ fan-in on convs and the Linear; models/layers.py INITS lists every
+  family); "kaiming_fan_out" is the single scheme this project used before for every family.
+- Pool sampling (config.pool.sampling): upstream draws each student batch from a DataLoader reshuffled for every
+  pass and rebuilt after every round, without replacement, with a short last batch. "uniform" (default, the fast
+  path) draws with replacement; "shuffled" is upstream's order without replacement, its short batch dropped to
+  keep one compiled shape.
+- Read against upstream once more and unchanged: augmentation (crop 32 with padding 4, flip, then the teacher's
+  normalisation) on the generator's output before teacher and student; the BN-statistics EMA updated after each
+  round from its last step's batch; the adversarial term and distillation from epoch `warmup` on; cosine over
+  epochs − warmup, stepped after each distillation epoch.
 Budgets and their measured results are in README.md ("Distillation runs").
 """
 

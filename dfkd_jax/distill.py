@@ -114,9 +114,10 @@ def make_student_step(method, optimizer: optax.GradientTransformation) -> Callab
 
     def student_step(state: dict[str, Any], teacher_variables: dict) -> tuple[dict, dict]:
         rng, batch_key = jax.random.split(state["rng"])
-        batch = method.student_batch(state["synth"], batch_key)
+        batch, synth = method.student_batch(state["synth"], batch_key)
         images = method.batch_constraint(batch["images"])
-        state, loss, measurements = kd_update(state, images, teacher_variables, batch | {"images": images})
+        state, loss, measurements = kd_update(state | {"synth": synth}, images, teacher_variables,
+                                              batch | {"images": images})
         state = state | {"rng": rng, "kd_step": state["kd_step"] + 1}
         return method.constrain(state), {"kd/loss": loss, **measurements}
 

@@ -137,6 +137,31 @@ def adversarial_js(student_logits: jax.Array, teacher_logits: jax.Array, tempera
     return -js_divergence(student_logits, teacher_logits, temperature)
 
 
+# -------------------------------------------------------------------------------------------- contrastive
+
+def supervised_contrastive(embeddings_bd: jax.Array, labels_b: jax.Array, temperature: float = 0.1) -> jax.Array:
+    """SupCon (Khosla et al. 2020, eq. 2, L^sup_out) over ℓ2-normalised embeddings z with labels y:
+
+        L = mean over anchors i with P(i) ≠ ∅ of  −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) ),
+
+    P(i) = {p ≠ i : y_p = y_i}. An anchor whose label appears only once has no positive and is left out of the mean
+    (eq. 2's 1/|P(i)| is undefined there; the SupCon code's newer revision counts it as 0 in the mean instead), and
+    a batch without any positive pair gives 0. No τ/τ_base factor (the SupCon code's `base_temperature`)."""
+    z = _f32(embeddings_bd)
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    batch = z.shape[0]
+    logits = z @ z.T / temperature
+    not_self = ~jnp.eye(batch, dtype=bool)
+    # log Σ_{a≠i} exp(logits_ia), stable, with the diagonal masked out.
+    log_denominator = jax.nn.logsumexp(jnp.where(not_self, logits, -jnp.inf), axis=1)
+    positives = (labels_b[:, None] == labels_b[None, :]) & not_self
+    count = positives.sum(axis=1)
+    log_prob = logits - log_denominator[:, None]
+    per_anchor = -jnp.sum(jnp.where(positives, log_prob, 0.0), axis=1) / jnp.maximum(count, 1)
+    has_positive = count > 0
+    return jnp.sum(jnp.where(has_positive, per_anchor, 0.0)) / jnp.maximum(has_positive.sum(), 1)
+
+
 # ---------------------------------------------------------------------------------------------------- DAFL
 
 def dafl_activation(features: jax.Array) -> jax.Array:

@@ -151,7 +151,8 @@ def base_config(method: str, arg: str | None, defaults: dict, budgets: dict[str,
     config.student = ml_collections.ConfigDict(dict(
         arch=preset["student"], options={"shortcut": "A"} if preset["student"] in _HE_RESNETS else {},
         batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="multistep", milestones=(0.6, 0.75, 0.9),
-        eta_min=0.0, warmup_epochs=0, temperature=20.0, loss="kl"))
+        eta_min=0.0, warmup_epochs=0, temperature=20.0, loss="kl",
+        init="upstream"))  # as the student's PyTorch layout initialises it (models/layers.py INITS)
     config.synthesis = ml_collections.ConfigDict()
     config.schedule = ml_collections.ConfigDict(dict(epochs=200, warmup=0, kd_steps=400, cycles=1))
     # capacity 0: all the schedule keeps; sampling: uniform, or label_pairs (every label at least twice per batch).

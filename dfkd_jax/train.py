@@ -63,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ------------------------------------------------------------------------------------ state (or resume)
     def init_state(key):
         student_key, synth_key, rng = jax.random.split(key, 3)
-        student_variables = student.init(student_key)
+        student_variables = student.init(student_key, config.student.init)
         return {"student": student_variables, "student_opt": optimizer.init(student_variables["params"]),
                 **distill.init_extras_state(method, optimizer, jax.random.fold_in(key, 1)),
                 "synth": method.init(synth_key), "rng": rng, "epoch": jnp.zeros((), jnp.int32),
@@ -127,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 budget.add_distillation(time.perf_counter() - started, plan.kd_steps, config.student.batch_size)
             state["epoch"] = jax.device_put(jnp.asarray(epoch + 1, jnp.int32), parallel.replicated(mesh))
 
-            scalars = _mean(synthesis_history) | mean_metrics(kd_history) | budget.rates()
+            scalars = (_mean(synthesis_history) | mean_metrics(kd_history) | budget.rates()
+                       | {"budget/seconds": budget.synthesis_seconds + budget.distill_seconds})
             problem = _first_non_finite(steps_this_epoch)
             if problem is None and not bool(params_finite((state["student"], state["extras"]))):
                 problem = "the student's parameters or batch statistics"
@@ -145,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 progress_record["best_top1"] = max(progress_record["best_top1"], scalars["eval/student_top1"])
                 preview = method.preview(state)
                 if preview is not None:
-                    reporting.save_image_grid(preview, os.path.join(workdir, "images", f"epoch_{epoch + 1:04d}.png"))
+                    reporting.save_image_grid(preview, os.path.join(workdir, "images", f"epoch_{epoch + 1:04d}.png"),
+                                              method.preview_columns)
             writer.write(epoch + 1, scalars | {"epoch": epoch + 1})
             shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items()
                      if k in ("synthesis/loss", "kd/loss", "kd/agreement", "eval/student_top1")}

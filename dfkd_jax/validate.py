@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from flax import traverse_util
 
 from dfkd_jax import distill, pool
+from dfkd_jax.models.zoo import INIT_CHOICES
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,17 @@ def choice(options) -> Rule:
     return Rule(f"one of {', '.join(map(repr, options))}", lambda v: v in options)
 
 
+def boolean() -> Rule:
+    return Rule("True or False", lambda v: isinstance(v, bool))
+
+
+def distinct_subset_of(options) -> Rule:
+    options = tuple(options)
+    return Rule(f"a non-empty list of distinct values from {', '.join(map(repr, options))}",
+                lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and len(set(v)) == len(v)
+                and all(x in options for x in v))
+
+
 def pair_of(rule: Rule) -> Rule:
     return Rule(f"two values, each {rule.description}",
                 lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(rule.accepts(x) for x in v))
@@ -88,7 +100,7 @@ SHARED_RULES: dict[str, Rule] = {
     "student.batch_size": integer(1), "student.lr": positive(), "student.momentum": fraction(),
     "student.weight_decay": non_negative(), "student.temperature": positive(), "student.eta_min": non_negative(),
     "student.schedule": choice(distill.SCHEDULES), "student.milestones": increasing_fractions(),
-    "student.warmup_epochs": integer(0),
+    "student.warmup_epochs": integer(0), "student.init": choice(INIT_CHOICES),
     "synthesis.batch_size": integer(1), "synthesis.lr": positive(), "synthesis.betas": pair_of(fraction()),
     "synthesis.g_steps": integer(1), "synthesis.bn_momentum": fraction(),
     "schedule.epochs": integer(1), "schedule.warmup": integer(0), "schedule.kd_steps": integer(0),

@@ -28,7 +28,7 @@ from dfkd_jax.train import train_and_evaluate
 
 from tests.conftest import REPO
 
-METHODS = ("nayer", "deepinv", "dafl", "dfad", "toy")
+METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "toy")
 
 
 def config_path(method: str) -> str:
@@ -53,6 +53,9 @@ TINY = {
     "dafl": dict(synthesis=dict(batch_size=16, ngf=8, nz=16), schedule=dict(epochs=3, cycles=2, kd_steps=2)),
     "dfad": dict(synthesis=dict(batch_size=16, ngf=8, nz=16), schedule=dict(epochs=3, cycles=2, kd_steps=2)),
     "toy": {},  # tests/toy_method.py's defaults are tiny already
+    "cae": dict(synthesis=dict(batch_size=16, g_steps=2, g_loops=1, warmup_g_loops=2, g_life=2, ngf=8,
+                               noisy_size=16, embedding_dim=16),
+                schedule=dict(epochs=3, warmup=1, kd_steps=3), cncl=dict(projection_dim=8)),
 }
 
 
@@ -116,7 +119,7 @@ def test_jitted_steps_compile_once_however_long_the_run(method, teacher_dir, tmp
 
 LOSS_KEYS = ("synthesis/loss", "synthesis/bn", "synthesis/ce", "synthesis/adv", "synthesis/tv", "synthesis/l2",
              "synthesis/activation", "synthesis/balance", "synthesis/best_loss", "kd/loss", "kd/kl", "kd/l1",
-             "kd/head_ce", "kd/stage_gap")
+             "kd/head_ce", "kd/stage_gap", "kd/cncl")
 # One step per phase, so the first epoch's measurements are single steps from the same initial state.
 ONE_STEP = {
     "nayer": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
@@ -124,6 +127,7 @@ ONE_STEP = {
     "dafl": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
     "dfad": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
     "toy": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, kd_steps=1)),
+    "cae": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
 }
 
 
@@ -162,14 +166,15 @@ def _main_command(method: str, teacher_dir: str, workdir: str) -> list[str]:
                  "student.options": "{}", "student.batch_size": 16, "progress": False, "schedule.epochs": 5}
     overrides |= {f"{section}.{key}": value for section, values in TINY[method].items() for key, value in values.items()
                   if key != "epochs"}
-    if method == "nayer":
+    if method in ("nayer", "cae"):
         overrides |= {"schedule.warmup": 1, "schedule.kd_steps": 3, "synthesis.g_steps": 2, "synthesis.g_loops": 1,
                       "synthesis.warmup_g_loops": 2}
     return [sys.executable, "-m", "dfkd_jax.main", f"--config={config_path(method)}", f"--workdir={workdir}",
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-@pytest.mark.parametrize("method", ["nayer", "toy"])  # toy: a head in the extras, a labelled pool, label pairs
+# toy and CAE: a head in the extras, a labelled pool sampled in label pairs
+@pytest.mark.parametrize("method", ["nayer", "cae"])
 def test_a_killed_run_resumes_to_the_same_student(method, teacher_dir, tmp_path):
     uninterrupted = str(tmp_path / "uninterrupted")
     completed = subprocess.run(_main_command(method, teacher_dir, uninterrupted), cwd=REPO, capture_output=True,

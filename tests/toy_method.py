@@ -100,7 +100,8 @@ class Toy(Method):
 
     # ---------------------------------------------------------------------- (a) head, (b) labels, (c) stages
     def student_batch(self, synth, key):
-        return self.sample_pool(synth["pool"], key)
+        batch, synth_pool = self.sample_pool(synth["pool"], key)
+        return batch, synth | {"pool": synth_pool}
 
     def init_extras(self, key):
         first, second = jax.random.split(key)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dfkd_jax.methods.base import EpochPlan, Method
-from dfkd_jax.validate import ConfigError
+from dfkd_jax.methods.cae import Cae
 from dfkd_jax.methods.deepinversion import DeepInversion
 from dfkd_jax.methods.generative import GenerativeAdversarial
 from dfkd_jax.methods.nayer import Nayer
+from dfkd_jax.validate import ConfigError
 
 METHODS: dict[str, type[Method]] = {
+    "cae": Cae,
     "deepinv": DeepInversion,
     "dafl": GenerativeAdversarial,
     "dfad": GenerativeAdversarial,

@@ -74,9 +74,9 @@ class Method:
         images, measurements)` is called after every step (progress, and the trainer's non-finite check)."""
         raise NotImplementedError
 
-    def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        """Traced inside the student step: {"images": (B, H, W, C) in [0, 1], and whatever the method's loss reads:
-        "labels", "groups", ...}."""
+    def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
+        """Traced inside the student step: ({"images": (B, H, W, C) in [0, 1], and whatever the method's loss reads:
+        "labels", "groups", ...}, synth with any sampler state it moved)."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------- the student step
@@ -108,6 +108,8 @@ class Method:
         synth_pool = state["synth"].get("pool")
         return None if synth_pool is None else int(synth_pool["count"])
 
+    preview_columns: int | None = None  # columns of the PNG grid (None: a square grid)
+
     def preview(self, state: State) -> np.ndarray | None:
         """Images for the PNG grid at each evaluation (the newest synthetic batch)."""
         return None
@@ -131,16 +133,20 @@ class Method:
         capacity = self.config.pool.capacity or max(kept_batches, 1) * batch
         return parallel.round_up_to_devices(capacity, self.mesh)
 
-    def sample_pool(self, synth_pool: pool.Pool, key: jax.Array) -> dict:
-        """A student batch from the pool with crop + flip: {"images", "labels", "groups", "indices"}, sampled as
-        config.pool.sampling says (uniformly, or with every label at least twice)."""
+    def sample_pool(self, synth_pool: pool.Pool, key: jax.Array) -> tuple[dict, pool.Pool]:
+        """A student batch from the pool with crop + flip, {"images", "labels", "groups", "indices"}, and the pool
+        (its shuffled order moved), sampled as config.pool.sampling says: uniformly with replacement, without
+        replacement in a shuffled order (upstream's data loader), or with every label at least twice."""
         sample_key, augment_key = jax.random.split(key)
-        batch = self.config.student.batch_size
-        if self.config.pool.sampling == "label_pairs":
+        batch, sampling = self.config.student.batch_size, self.config.pool.sampling
+        if sampling == "label_pairs":
             drawn = pool.sample_label_pairs(synth_pool, sample_key, batch, self.num_classes)
+        elif sampling == "shuffled":
+            drawn, synth_pool = pool.sample_shuffled(synth_pool, sample_key, batch)
         else:
             drawn = pool.sample(synth_pool, sample_key, batch)
-        return drawn | {"images": augment.random_crop_flip(self.batch_constraint(drawn["images"]), augment_key)}
+        images = augment.random_crop_flip(self.batch_constraint(drawn["images"]), augment_key)
+        return drawn | {"images": images}, synth_pool
 
 
 def class_balanced_targets(key: jax.Array, batch: int, num_classes: int) -> jax.Array:
@@ -163,6 +169,19 @@ def label_embedding(num_classes: int, dim: int, path: str | None, seed: int) -> 
     gaussian = np.random.default_rng(seed).standard_normal((dim, num_classes))
     q, _ = np.linalg.qr(gaussian)  # orthonormal columns
     return np.ascontiguousarray(q.T, np.float32)
+
+
+def grid_by_class(images_bhwc: np.ndarray, labels_b: np.ndarray, num_classes: int, per_class: int = 10,
+                  max_classes: int = 20) -> np.ndarray:
+    """Images arranged for a grid of `per_class` columns: one row per class (the first `max_classes` classes),
+    up to `per_class` images of that class in it, blank (white) where a class has fewer."""
+    images, labels = np.asarray(images_bhwc), np.asarray(labels_b)
+    rows = []
+    for label in range(min(num_classes, max_classes)):
+        chosen = images[labels == label][:per_class]
+        blank = np.ones((per_class - len(chosen), *images.shape[1:]), images.dtype)
+        rows.append(np.concatenate([chosen, blank]))
+    return np.concatenate(rows)
 
 
 def mean_metrics(history: list[dict]) -> dict:

@@ -120,8 +120,9 @@ class DeepInversion(Method):
         return (self.constrain(state | {"synth": synth | {"pool": new_pool}}),
                 {"synthesis/best_loss": synth["best_loss"], "pool/size": new_pool["count"]})
 
-    def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        return self.sample_pool(synth["pool"], key)
+    def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
+        batch, synth_pool = self.sample_pool(synth["pool"], key)
+        return batch, synth | {"pool": synth_pool}
 
     def preview(self, state: State):
         return jax.device_get(state["synth"]["best_images"])[:100]

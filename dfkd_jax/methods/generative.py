@@ -123,9 +123,9 @@ class GenerativeAdversarial(Method):
         return (self.constrain(state | {"rng": rng, "synth": synth, "student": student}),
                 {"synthesis/loss": loss, **terms})
 
-    def student_batch(self, synth: dict, key: jax.Array) -> dict:
+    def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
         images, _ = self.generate(synth["generator"], self._noise(key, self.config.student.batch_size))
-        return {"images": jax.lax.stop_gradient(images)}
+        return {"images": jax.lax.stop_gradient(images)}, synth
 
     def student_loss(self, student_out, teacher_out, batch, extras, synth):
         if self.config.student.loss == "l1":  # DFAD: the student closes the gap the generator widens

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from dfkd_jax import augment, losses, pool, validate
-from dfkd_jax.methods.base import EpochPlan, Method, State, class_balanced_targets, label_embedding, mean_metrics
+from dfkd_jax.methods.base import (EpochPlan, Method, State, class_balanced_targets, grid_by_class, label_embedding,
+                                   mean_metrics)
 from dfkd_jax.models.generators import Generator, reinit_noisy_layer
 
 
@@ -40,10 +41,7 @@ class Nayer(Method):
         self.batch = synthesis.batch_size
         self.embeddings = jnp.asarray(label_embedding(self.num_classes, synthesis.embedding_dim,
                                                       config.data.label_embedding_file, config.seed))
-        self.generator, _ = Generator.create(
-            "nayer", 0, embedding_size=self.embeddings.shape[1], batch_size=self.batch, chunk=self.num_classes,
-            noisy_size=synthesis.noisy_size, ngf=synthesis.ngf, image_size=self.image_shape[0],
-            channels=self.image_shape[2])
+        self.generator = self.make_generator()
         self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
         self.rebuild_generator = jax.jit(self._rebuild_generator, donate_argnums=0)
         self.start_round = jax.jit(self._start_round, donate_argnums=0)
@@ -54,6 +52,26 @@ class Nayer(Method):
                 self._generator_step, adversarial=adversarial, student_train=student_train), donate_argnums=0)
             for adversarial, student_train in ((False, False), (True, False), (True, True))}
         self.end_round = jax.jit(self._end_round, donate_argnums=0)
+
+    # ------------------------------------------------------------- what a method built on NAYER may change
+    def make_generator(self) -> Generator:
+        synthesis = self.config.synthesis
+        return Generator.create(
+            "nayer", 0, embedding_size=self.embeddings.shape[1], batch_size=self.batch, chunk=self.num_classes,
+            noisy_size=synthesis.noisy_size, ngf=synthesis.ngf, image_size=self.image_shape[0],
+            channels=self.image_shape[2])[0]
+
+    def round_targets(self, key: jax.Array) -> jax.Array:
+        return class_balanced_targets(key, self.batch, self.num_classes)
+
+    def generator_inputs(self, targets: jax.Array, noise_key: jax.Array | None):
+        """What the generator is fed to make `targets`: their label embeddings."""
+        del noise_key
+        return self.batch_constraint(self.embeddings[targets])
+
+    def pool_groups(self, synth: dict) -> jax.Array | None:
+        """Group ids of the round's kept images in the pool (None: no groups)."""
+        return None
 
     # -------------------------------------------------------------------------------------------- state
     def init(self, key: jax.Array) -> dict:
@@ -111,8 +129,11 @@ class Nayer(Method):
                     on_step(self.batch, metrics)
             state, round_metrics = self.end_round(state)
             round_history.append(round_metrics)
+        best_losses = [float(v) for v in jax.device_get([m["synthesis/best_loss"] for m in round_history])]
+        # Each round's own best loss too (rounds of one epoch, in order): how fast synthesis converges.
         return state, mean_metrics(history) | mean_metrics(round_history[-1:]) | {
-            "synthesis/best_loss": mean_metrics(round_history)["synthesis/best_loss"]}
+            "synthesis/best_loss": float(sum(best_losses) / len(best_losses)),
+            **{f"synthesis/round_best_loss/{r}": loss for r, loss in enumerate(best_losses)}}
 
     def _rebuild_generator(self, state: State) -> State:
         rng, key = jax.random.split(state["rng"])
@@ -125,7 +146,7 @@ class Nayer(Method):
         rng, noisy_key, targets_key = jax.random.split(state["rng"], 3)
         synth = state["synth"]
         params = reinit_noisy_layer(synth["generator"]["params"], noisy_key)
-        round_state = synth["round"] | {"targets": class_balanced_targets(targets_key, self.batch, self.num_classes),
+        round_state = synth["round"] | {"targets": self.round_targets(targets_key),
                                         "best_loss": jnp.full((), jnp.inf, jnp.float32)}
         synth = synth | {"generator": synth["generator"] | {"params": params},
                          "generator_opt": self.optimizer.init(params), "round": round_state}
@@ -133,13 +154,13 @@ class Nayer(Method):
 
     def generator_loss(self, params, batch_stats, targets: jax.Array, crop: augment.CropFlip, bn_ema: dict,
                        teacher_variables: dict, student_variables: dict, *, adversarial: bool,
-                       student_train: bool = False):
+                       student_train: bool = False, noise_key: jax.Array | None = None):
         """10·BN + 0.5·CE + 1.33·adv of the batch the generator makes for `targets`, seen through the crop/flip
         draw `crop`; with `student_train` the adversarial term runs the student in train mode (batch statistics).
         Returns (loss, (images, batch_stats, moments, terms, the student's batch statistics))."""
         weights = self.config.synthesis
-        embeddings = self.batch_constraint(self.embeddings[targets])
-        images, batch_stats = self.generator.apply({"params": params, "batch_stats": batch_stats}, embeddings,
+        inputs = self.generator_inputs(targets, noise_key)
+        images, batch_stats = self.generator.apply({"params": params, "batch_stats": batch_stats}, inputs,
                                                    train=True)
         images = self.batch_constraint(images)
         augmented = augment.crop_flip(images, crop)
@@ -156,7 +177,7 @@ class Nayer(Method):
 
     def generator_update(self, generator_variables: dict, generator_opt, targets: jax.Array,
                          crop: augment.CropFlip, bn_ema: dict, teacher_variables: dict, student_variables: dict, *,
-                         adversarial: bool, student_train: bool = False):
+                         adversarial: bool, student_train: bool = False, noise_key: jax.Array | None = None):
         """One Adam step of the generator on explicit inputs, the core of a NAYER step (the benchmark and the
         PyTorch parity tests call it with fixed draws). Returns (variables, opt state, loss, terms, images made
         before the update, BN-input moments, the student's batch statistics after its forward pass)."""
@@ -164,7 +185,7 @@ class Nayer(Method):
         (loss, (images, batch_stats, moments, terms, student_batch_stats)), grads = jax.value_and_grad(
             self.generator_loss, has_aux=True)(params, generator_variables["batch_stats"], targets, crop, bn_ema,
                                                teacher_variables, student_variables, adversarial=adversarial,
-                                               student_train=student_train)
+                                               student_train=student_train, noise_key=noise_key)
         updates, generator_opt = self.optimizer.update(grads, generator_opt, params)
         generator_variables = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats}
         return generator_variables, generator_opt, loss, terms, images, moments, student_batch_stats
@@ -177,7 +198,8 @@ class Nayer(Method):
         crop = augment.crop_flip_params(augment_key, self.batch)
         generator, generator_opt, loss, terms, images, moments, student_batch_stats = self.generator_update(
             synth["generator"], synth["generator_opt"], round_state["targets"], crop, synth["bn_ema"],
-            teacher_variables, state["student"], adversarial=adversarial, student_train=student_train)
+            teacher_variables, state["student"], adversarial=adversarial, student_train=student_train,
+            noise_key=self.step_noise_key(round_state, augment_key))
         better = loss < round_state["best_loss"]  # upstream keeps the batch made before the update
         round_state = round_state | {
             "best_loss": jnp.where(better, loss, round_state["best_loss"]),
@@ -188,10 +210,15 @@ class Nayer(Method):
         return (self.constrain(state | {"rng": rng, "synth": synth, "student": student}),
                 {"synthesis/loss": loss, **terms})
 
+    def step_noise_key(self, round_state: dict, augment_key: jax.Array) -> jax.Array:
+        """A key for input noise drawn at each step (NAYER's inputs have none), apart from the crop draw's."""
+        del round_state
+        return jax.random.fold_in(augment_key, 1)
+
     def _end_round(self, state: State) -> tuple[State, dict]:
         synth = state["synth"]
         round_state = synth["round"]
-        new_pool = pool.add(synth["pool"], round_state["best_images"], round_state["targets"])
+        new_pool = pool.add(synth["pool"], round_state["best_images"], round_state["targets"], self.pool_groups(synth))
         ema = synth["bn_ema"]
         if self.config.synthesis.bn_momentum > 0:
             ema = losses.update_bn_ema(ema, round_state["last_moments"], self.config.synthesis.bn_momentum)
@@ -200,8 +227,13 @@ class Nayer(Method):
                                                            "pool/size": new_pool["count"]}
 
     # ------------------------------------------------------------------------------------------ student
-    def student_batch(self, synth: dict, key: jax.Array) -> dict:
-        return self.sample_pool(synth["pool"], key)
+    def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
+        batch, synth_pool = self.sample_pool(synth["pool"], key)
+        return batch, synth | {"pool": synth_pool}
+
+    preview_columns = 10  # the grid: one row per class, up to 10 of the newest round's images each
 
     def preview(self, state: State):
-        return jax.device_get(state["synth"]["round"]["best_images"])[:100]
+        round_state = jax.device_get(state["synth"]["round"])
+        return grid_by_class(round_state["best_images"], round_state["targets"], self.num_classes,
+                             self.preview_columns)

@@ -4,6 +4,7 @@
   conv3×3 → BN → LeakyReLU(0.2)] ×2 (128 then 64 channels) → conv3×3 → sigmoid; s = image_size / 4.
 - `NayerGenerator` (upstream `NLGenerator`): a per-sample label embedding → BatchNorm1d → the *noisy layer* (one
   Linear per chunk of `chunk` samples, re-initialised N(0, 1) every synthesis round) → Linear → the same trunk.
+- `CaeGenerator` (CAE-DFKD): NAYER's, its label embeddings first perturbed by learnable per-source noise (CEND).
 
 Class-conditional generators take `(z, labels)` and see the labels at every layer that asks for them:
 - `ConditionalDCGANGenerator`: DCGAN-small fed z ⊙ E[y], E a K×nz label embedding (CGDD, methods.md §6 [decided]).
@@ -25,29 +26,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfkd_jax.models.conv import Conv
-from dfkd_jax.models.layers import BatchNorm, ConditionalBatchNorm
-
-# PyTorch's default Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias likewise.
-torch_default_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+from dfkd_jax.models.layers import INITS, BatchNorm, ConditionalBatchNorm, conv3x3, linear
 
 
-def _torch_default_bias_init(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
+# The generators keep PyTorch's default Conv2d / Linear initialisation (U(±1/sqrt(fan_in)), bias likewise), as
+# upstream's generators and their `reinit()` do.
 def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, kernel_init=torch_default_kernel_init,
-                      bias_init=_torch_default_bias_init(in_features), rngs=rngs)
+    return linear(in_features, out_features, init=INITS["torch_default"], rngs=rngs)
 
 
 def torch_conv3x3(in_channels: int, out_channels: int, *, use_bias: bool, rngs: nnx.Rngs) -> Conv:
-    return Conv(in_channels, out_channels, 3, padding=1, use_bias=use_bias, kernel_init=torch_default_kernel_init,
-                bias_init=_torch_default_bias_init(in_channels * 9), rngs=rngs)
+    return conv3x3(in_channels, out_channels, use_bias=use_bias, init=INITS["torch_default"], rngs=rngs)
 
 
 def upsample_nearest_2x(x_bhwc: jax.Array) -> jax.Array:
@@ -165,6 +154,60 @@ class CPSCGenerator(nnx.Module):
         return _run(self.conv_blocks, _project(self.l1[0], z_bn, self.ngf, self.init_size), train, labels)
 
 
+NOISE_SOURCES = ("gaussian", "uniform", "laplace", "bernoulli")
+
+
+def draw_category_noise(key: jax.Array, batch: int, dim: int, sources=NOISE_SOURCES,
+                        assign: str = "random") -> dict:
+    """CAE-DFKD's noise draws for `batch` category embeddings of width `dim`: {"noise": q (B, D), "source": n (B,)}.
+
+    Each sample's source n is drawn uniformly from `sources` (assign="random") or cycles through them
+    (assign="cycle": sample i gets source i mod N), and q ~ NS_n: gaussian N(0, 1), uniform U(−1, 1), laplace
+    Laplace(0, 1), bernoulli a dropout-style mask (m − 0.5)·2 with m ~ Bernoulli(0.5), i.e. ±1 (methods.md §4)."""
+    samplers = {"gaussian": lambda k: jax.random.normal(k, (batch, dim)),
+                "uniform": lambda k: jax.random.uniform(k, (batch, dim), minval=-1.0, maxval=1.0),
+                "laplace": lambda k: jax.random.laplace(k, (batch, dim)),
+                "bernoulli": lambda k: (jax.random.bernoulli(k, 0.5, (batch, dim)).astype(jnp.float32) - 0.5) * 2}
+    source_key, *draw_keys = jax.random.split(key, 1 + len(sources))
+    if assign == "cycle":
+        source = jnp.arange(batch, dtype=jnp.int32) % len(sources)
+    else:
+        source = jax.random.randint(source_key, (batch,), 0, len(sources), jnp.int32)
+    draws = jnp.stack([samplers[name](k) for name, k in zip(sources, draw_keys, strict=True)])  # (N, B, D)
+    return {"noise": draws[source, jnp.arange(batch)], "source": source}
+
+
+class CategoryNoise(nnx.Module):
+    """CEND (category embedding noise diffusion): e_{n,c} = e_c + M_n ⊙ q_n, one magnitude vector M_n (D,) per
+    noise source, initialised to `init_magnitude` and trained with the generator unless `learnable` is False."""
+
+    def __init__(self, num_sources: int, dim: int, init_magnitude: float = 0.1, learnable: bool = True):
+        self.magnitudes = nnx.Param(jnp.full((num_sources, dim), init_magnitude, jnp.float32))
+        self.learnable = learnable
+
+    def __call__(self, embeddings_bd: jax.Array, noise_bd: jax.Array, source_b: jax.Array) -> jax.Array:
+        magnitudes = self.magnitudes[...]
+        if not self.learnable:
+            magnitudes = jax.lax.stop_gradient(magnitudes)
+        return embeddings_bd + magnitudes[source_b] * noise_bd
+
+
+class CaeGenerator(NayerGenerator):
+    """CAE-DFKD's generator: NAYER's, fed category embeddings perturbed by `CategoryNoise`. Its input is
+    {"embeddings": e_y (B, D), "noise": q (B, D), "source": n (B,)} (`draw_category_noise`)."""
+
+    def __init__(self, embedding_size: int, batch_size: int, chunk: int, *, num_sources: int = 4,
+                 init_magnitude: float = 0.1, learnable: bool = True, noisy_size: int = 1000, ngf: int = 64,
+                 image_size: int = 32, channels: int = 3, rngs: nnx.Rngs):
+        super().__init__(embedding_size, batch_size, chunk, noisy_size=noisy_size, ngf=ngf, image_size=image_size,
+                         channels=channels, rngs=rngs)
+        self.cend = CategoryNoise(num_sources, embedding_size, init_magnitude, learnable)
+
+    def __call__(self, inputs: dict, labels=None, *, train: bool = True) -> jax.Array:
+        perturbed = self.cend(inputs["embeddings"], inputs["noise"], inputs["source"])
+        return super().__call__(perturbed, train=train)
+
+
 def reinit_noisy_layer(params: nnx.State, key: jax.Array) -> nnx.State:
     """NAYER's `re_init_le`: every noisy linear gets weights N(0, 1) and zero bias (a pure function of params)."""
     pure = nnx.to_pure_dict(params)
@@ -176,8 +219,8 @@ def reinit_noisy_layer(params: nnx.State, key: jax.Array) -> nnx.State:
     return fresh
 
 
-GENERATORS = {"dcgan": DCGANGenerator, "nayer": NayerGenerator, "conditional_dcgan": ConditionalDCGANGenerator,
-              "cpsc": CPSCGenerator}
+GENERATORS = {"dcgan": DCGANGenerator, "nayer": NayerGenerator, "cae": CaeGenerator,
+              "conditional_dcgan": ConditionalDCGANGenerator, "cpsc": CPSCGenerator}
 CONDITIONAL = frozenset({"conditional_dcgan", "cpsc"})  # these need `labels` in `Generator.apply`
 
 
