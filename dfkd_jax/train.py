@@ -34,6 +34,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Everything that can refuse the run does so here, before anything is written to the workdir.
     mesh = mesh or parallel.make_data_mesh()
     validate.check(config, mesh.devices.size, methods.config_rules(config.method))
+    methods.get(config.method).check_config(config)
     eval_source = teachers.evaluation_source(config)
     teachers.check_available(config, workdir)
     flat_config = _flat_config(config)

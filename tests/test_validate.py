@@ -52,6 +52,17 @@ CASES = [
     ("dafl", "synthesis.balance_weight", -5.0, "a number >= 0"),
     ("dafl", "synthesis.nz", 0, "an integer >= 1"),
     ("dfad", "student.loss", "mse", "one of 'kl', 'l1'"),
+    ("cae", "cend.sources", ("gaussian", "gaussian"), "a non-empty list of distinct values from 'gaussian', "
+                                                      "'uniform', 'laplace', 'bernoulli'"),
+    ("cae", "cend.sources", ("poisson",), "a non-empty list of distinct values from 'gaussian', 'uniform', "
+                                          "'laplace', 'bernoulli'"),
+    ("cae", "cend.init_magnitude", -0.1, "a number >= 0"),
+    ("cae", "cend.assign", "all", "one of 'random', 'cycle'"),
+    ("cae", "cend.redraw", "epoch", "one of 'step', 'round'"),
+    ("cae", "cncl.weight", -1.0, "a number >= 0"),
+    ("cae", "cncl.temperature", 0.0, "a number > 0"),
+    ("cae", "cncl.projection_dim", 0, "an integer >= 1"),
+    ("cae", "cncl.views", 0, "an integer >= 1"),
     ("nayer", "schedule.epochs", 0, "an integer >= 1"),
     ("nayer", "schedule.warmup", -1, "an integer >= 0"),
     ("nayer", "schedule.kd_steps", -1, "an integer >= 0"),
@@ -86,6 +97,14 @@ def test_an_out_of_range_value_is_refused_naming_the_field_the_value_and_the_ran
     assert "\n" not in message
 
 
+def test_cae_views_must_divide_the_synthesis_batch():
+    config = load_config("cae")
+    config.synthesis.batch_size, config.cncl.views = 100, 3
+    with pytest.raises(ConfigError, match=r"config.synthesis.batch_size = 100 is out of range: it must be a "
+                                          r"multiple of config.cncl.views \(3\)"):
+        methods.get("cae").check_config(config)
+
+
 def test_batches_must_split_over_the_devices():
     config = load_config("nayer")
     config.synthesis.batch_size = 100
@@ -96,14 +115,15 @@ def test_batches_must_split_over_the_devices():
 
 
 def test_every_shipped_config_and_preset_passes():
-    for method in ("nayer", "deepinv", "dafl", "dfad"):
+    for method in ("cae", "nayer", "deepinv", "dafl", "dfad"):
         for preset in ("digits", "cifar10", "cifar10,budget=cpu20", "cifar100", "cifar10,eval=shared"):
             config = load_config(method, preset)
             validate.check(config, 1, methods.config_rules(method))
+            methods.get(method).check_config(config)
 
 
 def test_unknown_method_and_presets_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of dafl, deepinv"):
+    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of cae, dafl, deepinv"):
         methods.get("cmi")
     for preset, message in [("bogus", "unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
                             ("cifar10,teacher=nobody", "unknown teacher 'nobody'"),

@@ -61,6 +61,11 @@ class Method:
         self.num_classes = teacher.spec.num_classes
         self.image_shape = tuple(config.data.image_shape)
 
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Relations between this method's fields that CONFIG_RULES cannot state; raise a validate.ConfigError.
+        Called with the range checks, before anything is written."""
+
     # ------------------------------------------------------------------------------------------ to implement
     def init(self, key: jax.Array) -> dict:
         """The method's part of the train state (`state["synth"]`)."""

@@ -36,11 +36,15 @@ class Cae(Nayer):
         "cncl.views": validate.integer(1),
     }
 
-    def __init__(self, config, teacher, student, mesh):
+    @classmethod
+    def check_config(cls, config) -> None:
         if config.synthesis.batch_size % config.cncl.views:
             raise validate.ConfigError(
                 f"config.synthesis.batch_size = {config.synthesis.batch_size} is out of range: it must be a multiple "
                 f"of config.cncl.views ({config.cncl.views}) (--config.synthesis.batch_size=...)")
+
+    def __init__(self, config, teacher, student, mesh):
+        self.check_config(config)
         self.cend, self.cncl = config.cend, config.cncl
         super().__init__(config, teacher, student, mesh)
         self.feature_dim = jax.eval_shape(
