@@ -11,7 +11,8 @@ diffusion (CEND) at the generator's input and a category noise contrastive loss 
 Ablations, same schedule and seeds (README "CAE-DFKD"):
     --config.cend.enabled=False                 NAYER + CNCL
     --config.cncl.weight=0                      NAYER + CEND
-    --config.cend.enabled=False --config.cncl.weight=0 --config.pool.sampling=uniform   = NAYER exactly (tested)
+    --config.cend.enabled=False --config.cncl.weight=0 --config.pool.sampling=uniform   = NAYER exactly (tested;
+        with a batch that is not a multiple of 2K also --config.cncl.views=1, or its targets differ)
 
 Everything NAYER does is as configs/nayer.py says (its docstring lists the upstream behaviour kept and the flags),
 with NAYER's budgets. No code of CAE-DFKD exists; what methods.md §4 gives and what is decided here:

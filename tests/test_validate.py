@@ -160,7 +160,7 @@ def run_main(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/cae_missing.py"], "error: no config file configs/cae_missing.py (run from the repository "
-                                          "root; configs: configs/dafl.py,"),
+                                          "root; configs: configs/cae.py, configs/dafl.py,"),
     (["--config=configs/nayer.py:bogus"], "error: unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
     (["--config=configs/nayer.py", "--config.student.lrr=3"],
      "error: the config has no field 'lrr' (did you mean 'lr'?)"),
