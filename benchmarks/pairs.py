@@ -70,7 +70,7 @@ def method_config(method: str, **overrides) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("cifar10")
-    presets._merge(config, overrides)
+    presets.merge(config, overrides)
     return config
 
 

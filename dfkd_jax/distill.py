@@ -7,7 +7,8 @@ adapter; `state["extras"]`, with their own optimizer state, never part of the ex
 write the method's own state (`state["synth"]`: a memory bank, a queue).
 
 The learning rate follows the upstream schedules, stepped once per epoch as PyTorch's schedulers are there: cosine to
-`eta_min` over the distillation epochs (NAYER, Fast, CMI), a linear warm-up then cosine (CPSC-DFKD), ×0.1 at
+`eta_min` over the distillation epochs (NAYER, Fast, CMI), a linear warm-up then cosine (CPSC-DFKD's intent), what
+CPSC-DFKD's code actually runs (`cpsc_upstream`, below), ×0.1 at
 fractions of training (CMI's older scripts: 120/150/180 of 200 epochs), or constant. This module is the one place
 that computes it; the rate logged as `kd/lr` is read back from the optimizer state, so it is the one optax applied.
 """
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-SCHEDULES = ("cosine", "warmup_cosine", "multistep", "constant")
+SCHEDULES = ("cosine", "warmup_cosine", "cpsc_upstream", "multistep", "constant")
 
 
 def learning_rate_at_epoch(student: ml_collections.ConfigDict, distill_epoch, distill_epochs: int):
@@ -39,12 +40,32 @@ def learning_rate_at_epoch(student: ml_collections.ConfigDict, distill_epoch, di
         ramp = student.lr * (distill_epoch + 1) / max(warmup, 1)
         return jnp.where(distill_epoch < warmup, ramp,
                          cosine((distill_epoch - warmup) / max(distill_epochs - warmup, 1)))
+    if student.schedule == "cpsc_upstream":
+        return cpsc_upstream_rate(student.lr, student.eta_min, student.warmup_epochs, distill_epoch, distill_epochs)
     if student.schedule == "multistep":
         boundaries = jnp.asarray([round(f * distill_epochs) for f in student.milestones])
         return student.lr * 0.1 ** jnp.sum(distill_epoch >= boundaries)
     if student.schedule == "constant":
         return jnp.asarray(student.lr, jnp.float32)
     raise ValueError(f"config.student.schedule must be one of {', '.join(SCHEDULES)}, got {student.schedule!r}")
+
+
+def cpsc_upstream_rate(lr: float, eta_min: float, warmup: int, distill_epoch, epochs: int):
+    """The rate CPSC-DFKD's script trains epoch e = distill_epoch + 1 with. It steps two schedulers at the start of
+    every epoch, `CosineAnnealingLR(T_max=epochs)` and a `GradualWarmupScheduler(total_epoch=W)` wrapping it,
+    `scheduler_S.step(); scheduler_warmup.step(epoch)`, which gives
+        lr·e/W                                     for e ≤ W (the warm-up overwrites the cosine's step),
+        η + r²·(lr − η),  r = (1 + cos(π(W+1)/E)) / (1 + cos(πW/E))   for e = W + 1 (the cosine's recursive step
+                                                   applied twice: once by itself, once through the warm-up),
+        η + (lr − η)·(1 + cos(π(e − W)/E))/2       for e ≥ W + 2 (the warm-up's closed-form call of the cosine),
+    so the cosine starts W epochs late, at its second value, and never reaches η (tests/test_cpsc.py checks it
+    against the two schedulers themselves)."""
+    epoch = distill_epoch + 1
+    # (1 + cos θ)/2 written as cos²(θ/2): float32 keeps its relative accuracy near θ = π, where the rate is small.
+    ratio = (jnp.cos(math.pi * (warmup + 1) / (2 * epochs)) / jnp.cos(math.pi * warmup / (2 * epochs))) ** 2
+    cosine = eta_min + (lr - eta_min) * jnp.cos(math.pi * (epoch - warmup) / (2 * epochs)) ** 2
+    return jnp.where(epoch <= warmup, lr * epoch / max(warmup, 1),
+                     jnp.where(epoch == warmup + 1, eta_min + ratio ** 2 * (lr - eta_min), cosine))
 
 
 def make_optimizer(student: ml_collections.ConfigDict, kd_steps_per_epoch: int, distill_epochs: int

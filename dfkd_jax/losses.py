@@ -1,6 +1,6 @@
 """The loss terms of every DFKD method, as small pure functions that run inside `jax.jit` on batches sharded over
 the device mesh. Each computes in float32 and follows the upstream PyTorch code it names (CMI/Fast/NAYER `kldiv`,
-DeepInversion's BN hook and image priors, DAFL, DFAD); a method is a config that composes them. Logits are (B, K),
+DeepInversion's BN hook and image priors, DAFL, DFAD, CPSC-DFKD); a method is a config that composes them. Logits are (B, K),
 images NHWC; every function returns a scalar unless its docstring says otherwise.
 """
 
@@ -139,16 +139,22 @@ def adversarial_js(student_logits: jax.Array, teacher_logits: jax.Array, tempera
 
 # -------------------------------------------------------------------------------------------- contrastive
 
-def supervised_contrastive(embeddings_bd: jax.Array, labels_b: jax.Array, temperature: float = 0.1) -> jax.Array:
+def supervised_contrastive(embeddings_bd: jax.Array, labels_b: jax.Array, temperature: float = 0.1, *,
+                           normalise: bool = True) -> jax.Array:
     """SupCon (Khosla et al. 2020, eq. 2, L^sup_out) over ℓ2-normalised embeddings z with labels y:
 
         L = mean over anchors i with P(i) ≠ ∅ of  −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) ),
 
     P(i) = {p ≠ i : y_p = y_i}. An anchor whose label appears only once has no positive and is left out of the mean
     (eq. 2's 1/|P(i)| is undefined there; the SupCon code's newer revision counts it as 0 in the mean instead), and
-    a batch without any positive pair gives 0. No τ/τ_base factor (the SupCon code's `base_temperature`)."""
+    a batch without any positive pair gives 0. No τ/τ_base factor (the SupCon code's `base_temperature`).
+    normalise=False takes the embeddings as they are (CPSC-DFKD's adapted student features are not re-normalised).
+
+    The SupCon code's multi-view form, features (B, V, D) with labels (B,), is this function over the V·B rows
+    `concatenate(unbind(features, 1))` with the labels tiled V times (its contrast_mode "all")."""
     z = _f32(embeddings_bd)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    if normalise:
+        z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     batch = z.shape[0]
     logits = z @ z.T / temperature
     not_self = ~jnp.eye(batch, dtype=bool)
@@ -160,6 +166,31 @@ def supervised_contrastive(embeddings_bd: jax.Array, labels_b: jax.Array, temper
     per_anchor = -jnp.sum(jnp.where(positives, log_prob, 0.0), axis=1) / jnp.maximum(count, 1)
     has_positive = count > 0
     return jnp.sum(jnp.where(has_positive, per_anchor, 0.0)) / jnp.maximum(has_positive.sum(), 1)
+
+
+# --------------------------------------------------------------------------------------------------- CPSC-DFKD
+
+def cross_entropy_on_probabilities(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """CE(softmax(logits), y) with the probabilities taken as logits: CPSC-DFKD's `F.cross_entropy(F.softmax(t), y)`,
+    a softmax applied twice (its code does this in both the generator and the student step). It lies in
+    [log(e + K − 1) − 1, log(e + K − 1)], so it can never push a prediction far."""
+    return cross_entropy(jax.nn.softmax(_f32(logits), axis=-1), labels)
+
+
+def cpsc_ikd_generator(student_logits: jax.Array, teacher_logits: jax.Array, form: str = "log") -> jax.Array:
+    """CPSC-DFKD's inverse-KD term in the generator step, pushing the student's logits away from the (detached)
+    teacher's: −log MSE(s, t) (form "log", its CIFAR-10 code) or −MSE(s, t) (form "plain", its other datasets),
+    MSE = F.mse_loss, the mean over all B·K elements."""
+    mse = jnp.mean(jnp.square(_f32(student_logits) - jax.lax.stop_gradient(_f32(teacher_logits))))
+    return -jnp.log(mse) if form == "log" else -mse
+
+
+def cpsc_ikd_student(student_logits: jax.Array, teacher_logits: jax.Array, form: str = "log") -> jax.Array:
+    """CPSC-DFKD's IKD term in the student step, pulling the student's logits to the teacher's:
+    log ‖t − s‖₂ (form "log", its CIFAR-10 code: `torch.log(torch.norm(t - s, 2))`, the 2-norm of the whole B×K
+    matrix) or MSE(s, t) (form "plain")."""
+    difference = jax.lax.stop_gradient(_f32(teacher_logits)) - _f32(student_logits)
+    return jnp.log(_l2_norm(difference)) if form == "log" else jnp.mean(jnp.square(difference))
 
 
 # ---------------------------------------------------------------------------------------------------- DAFL

@@ -108,10 +108,10 @@ def parse_preset(arg: str | None, budgets: dict) -> dict[str, str]:
     return chosen
 
 
-def _merge(config: ml_collections.ConfigDict, overrides: dict) -> None:
+def merge(config: ml_collections.ConfigDict, overrides: dict) -> None:
     for key, value in overrides.items():
         if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
-            _merge(config[key], value)
+            merge(config[key], value)
         else:
             config[key] = value
 
@@ -160,8 +160,8 @@ def base_config(method: str, arg: str | None, defaults: dict, budgets: dict[str,
     config.eval = ml_collections.ConfigDict(dict(data=dataset["eval_data"][preset["eval"]], split="test",
                                                  data_dir="", every_epochs=1, batch_size=512))
     config.checkpoint = ml_collections.ConfigDict(dict(every_epochs=1, keep=2))
-    _merge(config, copy.deepcopy(defaults))
-    _merge(config, copy.deepcopy(budgets[preset["budget"]]))
+    merge(config, copy.deepcopy(defaults))
+    merge(config, copy.deepcopy(budgets[preset["budget"]]))
     return config
 
 

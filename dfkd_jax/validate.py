@@ -88,6 +88,13 @@ def increasing_fractions() -> Rule:
                 and list(v) == sorted(set(v)))
 
 
+def increasing_integers(minimum: int) -> Rule:
+    """Milestones in epochs: strictly increasing integers >= minimum (possibly none)."""
+    return Rule(f"strictly increasing integers >= {minimum}",
+                lambda v: isinstance(v, (tuple, list)) and all(_is_integer(x) and x >= minimum for x in v)
+                and list(v) == sorted(set(v)))
+
+
 def image_shape() -> Rule:
     # The generators upsample twice by 2, so height and width must be multiples of 4; the zoo's stems take RGB.
     return Rule("(height, width, 3) with height and width positive multiples of 4",

@@ -28,7 +28,7 @@ from dfkd_jax.train import train_and_evaluate
 
 from tests.conftest import REPO
 
-METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "toy")
+METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "cpsc", "toy")
 
 
 def config_path(method: str) -> str:
@@ -56,6 +56,9 @@ TINY = {
     "cae": dict(synthesis=dict(batch_size=16, g_steps=2, g_loops=1, warmup_g_loops=2, g_life=2, ngf=8,
                                noisy_size=16, embedding_dim=16),
                 schedule=dict(epochs=3, warmup=1, kd_steps=3), cncl=dict(projection_dim=8)),
+    # wrn_16_2's 128-wide feature against the teacher's 64: the adapter (a trainable extra) is in the state too.
+    "cpsc": dict(synthesis=dict(batch_size=16, ngf=8, nz=16, g_steps=2), student=dict(arch="wrn_16_2"),
+                 schedule=dict(epochs=3, cycles=2, kd_steps=2)),
 }
 
 
@@ -119,7 +122,8 @@ def test_jitted_steps_compile_once_however_long_the_run(method, teacher_dir, tmp
 
 LOSS_KEYS = ("synthesis/loss", "synthesis/bn", "synthesis/ce", "synthesis/adv", "synthesis/tv", "synthesis/l2",
              "synthesis/activation", "synthesis/balance", "synthesis/best_loss", "kd/loss", "kd/kl", "kd/l1",
-             "kd/head_ce", "kd/stage_gap", "kd/cncl")
+             "kd/head_ce", "kd/stage_gap", "kd/cncl", "synthesis/kd", "synthesis/ikd", "synthesis/supcon", "kd/kd",
+             "kd/ikd", "kd/ce")
 # One step per phase, so the first epoch's measurements are single steps from the same initial state.
 ONE_STEP = {
     "nayer": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
@@ -128,6 +132,7 @@ ONE_STEP = {
     "dfad": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
     "toy": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, kd_steps=1)),
     "cae": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
+    "cpsc": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
 }
 
 
@@ -173,8 +178,8 @@ def _main_command(method: str, teacher_dir: str, workdir: str) -> list[str]:
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-# toy and CAE: a head in the extras, a labelled pool sampled in label pairs
-@pytest.mark.parametrize("method", ["nayer", "cae"])
+# CAE: a head in the extras, a labelled pool sampled in label pairs; CPSC: an adapter in the extras, no pool
+@pytest.mark.parametrize("method", ["nayer", "cae", "cpsc"])
 def test_a_killed_run_resumes_to_the_same_student(method, teacher_dir, tmp_path):
     uninterrupted = str(tmp_path / "uninterrupted")
     completed = subprocess.run(_main_command(method, teacher_dir, uninterrupted), cwd=REPO, capture_output=True,

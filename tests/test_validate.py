@@ -25,7 +25,8 @@ CASES = [
     ("nayer", "student.temperature", 0.0, "a number > 0"),
     ("nayer", "student.batch_size", 0, "an integer >= 1"),
     ("nayer", "student.eta_min", -0.1, "a number >= 0"),
-    ("nayer", "student.schedule", "linear", "one of 'cosine', 'warmup_cosine', 'multistep', 'constant'"),
+    ("nayer", "student.schedule", "linear", "one of 'cosine', 'warmup_cosine', 'cpsc_upstream', 'multistep', "
+                                            "'constant'"),
     ("nayer", "student.warmup_epochs", -2, "an integer >= 0"),
     ("nayer", "student.init", "xavier", "one of 'upstream', 'kaiming_fan_in', 'kaiming_fan_out', 'torch_default', "
                                         "'wrn', 'vgg'"),
@@ -63,6 +64,18 @@ CASES = [
     ("cae", "cncl.temperature", 0.0, "a number > 0"),
     ("cae", "cncl.projection_dim", 0, "an integer >= 1"),
     ("cae", "cncl.views", 0, "an integer >= 1"),
+    ("cpsc", "synthesis.cbn_epsilon", 0.0, "a number > 0"),
+    ("cpsc", "synthesis.reset_adam_every_step", 1, "True or False"),
+    ("cpsc", "synthesis.lr_schedule_applies", "yes", "True or False"),
+    ("cpsc", "synthesis.lr_milestones", (150, 50), "strictly increasing integers >= 1"),
+    ("cpsc", "synthesis.lr_milestones", (0.5,), "strictly increasing integers >= 1"),
+    ("cpsc", "cpsc.ikd_weight", -5.0, "a number >= 0"),
+    ("cpsc", "cpsc.bn_weight", -1.0, "a number >= 0"),
+    ("cpsc", "cpsc.supcon_weight", float("nan"), "a number >= 0"),
+    ("cpsc", "cpsc.ce_weight", -0.7, "a number >= 0"),
+    ("cpsc", "cpsc.supcon_temperature", 0.0, "a number > 0"),
+    ("cpsc", "cpsc.ikd_form", "square", "one of 'log', 'plain'"),
+    ("cpsc", "cpsc.ce_on_probabilities", None, "True or False"),
     ("nayer", "schedule.epochs", 0, "an integer >= 1"),
     ("nayer", "schedule.warmup", -1, "an integer >= 0"),
     ("nayer", "schedule.kd_steps", -1, "an integer >= 0"),
@@ -115,11 +128,13 @@ def test_batches_must_split_over_the_devices():
 
 
 def test_every_shipped_config_and_preset_passes():
-    for method in ("cae", "nayer", "deepinv", "dafl", "dfad"):
+    for method in ("cae", "nayer", "deepinv", "dafl", "dfad", "cpsc"):
         for preset in ("digits", "cifar10", "cifar10,budget=cpu20", "cifar100", "cifar10,eval=shared"):
             config = load_config(method, preset)
             validate.check(config, 1, methods.config_rules(method))
             methods.get(method).check_config(config)
+    for preset in ("variant=clean", "cifar10,budget=cpu20,variant=clean", "cifar100,variant=faithful"):
+        validate.check(load_config("cpsc", preset), 1, methods.config_rules("cpsc"))
 
 
 def test_unknown_method_and_presets_are_one_line_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dfkd_jax.methods.base import EpochPlan, Method
 from dfkd_jax.methods.cae import Cae
+from dfkd_jax.methods.cpsc import Cpsc
 from dfkd_jax.methods.deepinversion import DeepInversion
 from dfkd_jax.methods.generative import GenerativeAdversarial
 from dfkd_jax.methods.nayer import Nayer
@@ -11,6 +12,7 @@ from dfkd_jax.validate import ConfigError
 
 METHODS: dict[str, type[Method]] = {
     "cae": Cae,
+    "cpsc": Cpsc,
     "deepinv": DeepInversion,
     "dafl": GenerativeAdversarial,
     "dfad": GenerativeAdversarial,
