@@ -160,6 +160,11 @@ def base_config(method: str, arg: str | None, defaults: dict, budgets: dict[str,
     config.eval = ml_collections.ConfigDict(dict(data=dataset["eval_data"][preset["eval"]], split="test",
                                                  data_dir="", every_epochs=1, batch_size=512))
     config.checkpoint = ml_collections.ConfigDict(dict(every_epochs=1, keep=2))
+    # Probes of the final student on data it never saw, written to summary.json (dfkd_jax/transfer.py): a linear
+    # probe and/or a fine-tune on `train`, scored on `test` (digits, an .npz, a tfds name). modes=() probes nothing.
+    config.transfer = ml_collections.ConfigDict(dict(
+        modes=(), train="", test="", train_split="train", test_split="test", data_dir="", limit_train=0,
+        limit_test=0, features="penultimate", epochs=10, lr=0.01, batch_size=128, weight_decay=5e-4))
     merge(config, copy.deepcopy(defaults))
     merge(config, copy.deepcopy(budgets[preset["budget"]]))
     return config

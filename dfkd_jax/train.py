@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers, validate
+from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers, transfer, validate
 from dfkd_jax.evaluate import evaluate
 from dfkd_jax.methods.base import mean_metrics
 from dfkd_jax.models import Network, NetworkSpec
@@ -37,6 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     methods.get(config.method).check_config(config)
     eval_source = teachers.evaluation_source(config)
     teachers.check_available(config, workdir)
+    transfer.check_configured(config)
     flat_config = _flat_config(config)
     _accept_workdir(workdir, flat_config)
 
@@ -173,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      {"method": method.name, "teacher": teacher.spec.arch, "epochs": config.schedule.epochs})
     summary = _summary(config, method, teacher, student, teacher_top1, result, progress_record, budget, mesh,
                        method.kept_images(state)) | {"workdir": os.path.abspath(workdir)}
+    summary |= transfer.run_configured(config, student, state["student"], mesh)  # {} unless config.transfer asks
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -204,7 +206,8 @@ def _first_non_finite(steps: list[tuple[str, dict]]) -> str | None:
 
 
 # Fields that may change between a run and its resumption (they do not shape the train state).
-RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "schedule.epochs", "teacher.dir", "teacher.torch_file")
+RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "schedule.epochs", "teacher.dir", "teacher.torch_file",
+                     "transfer.")
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict:

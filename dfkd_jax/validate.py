@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from flax import traverse_util
 
-from dfkd_jax import distill, pool
+from dfkd_jax import distill, pool, transfer
 from dfkd_jax.models.zoo import INIT_CHOICES
 
 
@@ -77,6 +77,12 @@ def distinct_subset_of(options) -> Rule:
                 and all(x in options for x in v))
 
 
+def subset_of(options) -> Rule:
+    options = tuple(options)
+    return Rule(f"a list of distinct values from {', '.join(map(repr, options))} (empty: none)",
+                lambda v: isinstance(v, (tuple, list)) and len(set(v)) == len(v) and all(x in options for x in v))
+
+
 def pair_of(rule: Rule) -> Rule:
     return Rule(f"two values, each {rule.description}",
                 lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(rule.accepts(x) for x in v))
@@ -116,6 +122,9 @@ SHARED_RULES: dict[str, Rule] = {
     "pool.capacity": integer(0), "pool.dtype": choice(pool.DTYPES), "pool.sampling": choice(pool.SAMPLING),
     "eval.every_epochs": integer(1), "eval.batch_size": integer(1),
     "checkpoint.every_epochs": integer(1), "checkpoint.keep": integer(1),
+    "transfer.modes": subset_of(transfer.MODES), "transfer.features": choice(transfer.FEATURES),
+    "transfer.limit_train": integer(0), "transfer.limit_test": integer(0), "transfer.epochs": integer(1),
+    "transfer.lr": positive(), "transfer.batch_size": integer(1), "transfer.weight_decay": non_negative(),
 }
 
 
@@ -151,3 +160,7 @@ def check(config, device_count: int = 1, method_rules: Mapping[str, Rule] | None
             _fail(field, flat[field], f"a multiple of the {device_count} devices of the mesh")
     if flat.get("pool.sampling") == "label_pairs" and flat.get("student.batch_size", 0) % 2:
         _fail("student.batch_size", flat["student.batch_size"], "even with config.pool.sampling='label_pairs'")
+    for field in ("transfer.train", "transfer.test"):
+        if flat.get("transfer.modes") and not flat.get(field):
+            _fail(field, flat.get(field), "a data source (digits, an .npz or a tfds name) when "
+                                          "config.transfer.modes is set")
