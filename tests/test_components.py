@@ -375,7 +375,7 @@ def test_warmup_cosine_schedule_is_cpsc_linear_ramp_then_cosine():
 
 def test_constant_schedule_and_unknown_schedule():
     assert _our_lrs(_student(schedule="constant", lr=0.05), 4) == pytest.approx([0.05] * 4, rel=1e-7)
-    with pytest.raises(ValueError, match="schedule must be one of cosine, warmup_cosine, multistep, constant, "
+    with pytest.raises(ValueError, match="schedule must be one of cosine, warmup_cosine, cpsc_upstream, multistep, constant, "
                                          "got 'linear'"):
         learning_rate_at_epoch(_student(schedule="linear"), 0, 10)
 

@@ -65,8 +65,6 @@ CASES = [
     ("cae", "cncl.projection_dim", 0, "an integer >= 1"),
     ("cae", "cncl.views", 0, "an integer >= 1"),
     ("cpsc", "synthesis.cbn_epsilon", 0.0, "a number > 0"),
-    ("cpsc", "synthesis.reset_adam_every_step", 1, "True or False"),
-    ("cpsc", "synthesis.lr_schedule_applies", "yes", "True or False"),
     ("cpsc", "synthesis.lr_milestones", (150, 50), "strictly increasing integers >= 1"),
     ("cpsc", "synthesis.lr_milestones", (0.5,), "strictly increasing integers >= 1"),
     ("cpsc", "cpsc.ikd_weight", -5.0, "a number >= 0"),
@@ -138,7 +136,7 @@ def test_every_shipped_config_and_preset_passes():
 
 
 def test_unknown_method_and_presets_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of cae, dafl, deepinv"):
+    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of cae, cpsc, dafl, deepinv"):
         methods.get("cmi")
     for preset, message in [("bogus", "unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
                             ("cifar10,teacher=nobody", "unknown teacher 'nobody'"),
@@ -175,7 +173,7 @@ def run_main(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/cae_missing.py"], "error: no config file configs/cae_missing.py (run from the repository "
-                                          "root; configs: configs/cae.py, configs/dafl.py,"),
+                                          "root; configs: configs/cae.py, configs/cpsc.py, configs/dafl.py,"),
     (["--config=configs/nayer.py:bogus"], "error: unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
     (["--config=configs/nayer.py", "--config.student.lrr=3"],
      "error: the config has no field 'lrr' (did you mean 'lr'?)"),
