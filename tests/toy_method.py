@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from dfkd_jax import losses, methods, pool, presets, validate
-from dfkd_jax.methods.base import EpochPlan, Method, mean_metrics
+from dfkd_jax.methods.base import EpochPlan, Method, run_steps
 from dfkd_jax.models.generators import Generator
 
 
@@ -63,13 +63,9 @@ class Toy(Method):
 
     # ------------------------------------------------------------------------------ (d) conditional generator
     def synthesize(self, state, teacher_variables, epoch, on_step=None):
-        history = []
-        for _ in range(self.config.synthesis.g_steps):
-            state, metrics = self.generator_step(state, teacher_variables)
-            history.append(metrics)
-            if on_step:
-                on_step(self.batch, metrics)
-        return self.end_round(state), mean_metrics(history)
+        state, metrics = run_steps(self.generator_step, state, teacher_variables, self.config.synthesis.g_steps,
+                                   self.batch, on_step)
+        return self.end_round(state), metrics
 
     def _generator_step(self, state, teacher_variables):
         rng, z_key, label_key = jax.random.split(state["rng"], 3)

@@ -189,6 +189,19 @@ def grid_by_class(images_bhwc: np.ndarray, labels_b: np.ndarray, num_classes: in
     return np.concatenate(rows)
 
 
+def run_steps(step, state: State, teacher_variables: dict, count: int, batch: int,
+              on_step=None) -> tuple[State, dict]:
+    """`count` calls of a jitted synthesis step `step(state, teacher_variables) -> (state, measurements)`, telling
+    `on_step(batch, measurements)` after each; returns the state and the mean measurements."""
+    history = []
+    for _ in range(count):
+        state, metrics = step(state, teacher_variables)
+        history.append(metrics)
+        if on_step:
+            on_step(batch, metrics)
+    return state, mean_metrics(history)
+
+
 def mean_metrics(history: list[dict]) -> dict:
     """Average a list of per-step measurement dicts (device arrays) with one transfer to the host."""
     if not history:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from dfkd_jax import losses, validate
-from dfkd_jax.methods.base import EpochPlan, Method, State, grid_by_class, mean_metrics
+from dfkd_jax.methods.base import EpochPlan, Method, State, grid_by_class, run_steps
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.layers import INITS, symmetric_uniform
 
@@ -203,13 +203,8 @@ class Cpsc(Method):
         return self.constrain(state), {"synthesis/loss": loss, "synthesis/lr": learning_rate, **terms}
 
     def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
-        history = []
-        for _ in range(self.config.synthesis.g_steps):
-            state, metrics = self.generator_step(state, teacher_variables)
-            history.append(metrics)
-            if on_step:
-                on_step(self.batch, metrics)
-        return state, mean_metrics(history)
+        return run_steps(self.generator_step, state, teacher_variables, self.config.synthesis.g_steps, self.batch,
+                         on_step)
 
     # ----------------------------------------------------------------------------------- the student's batch
     def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from dfkd_jax import augment, losses, pool, validate
-from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
+from dfkd_jax.methods.base import EpochPlan, Method, State, run_steps
 
 
 class DeepInversion(Method):
@@ -52,14 +52,10 @@ class DeepInversion(Method):
 
     def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
         state = self.start_round(state)
-        history = []
-        for _ in range(self.config.synthesis.g_steps):
-            state, metrics = self.pixel_step(state, teacher_variables)
-            history.append(metrics)
-            if on_step:
-                on_step(self.batch, metrics)
+        state, metrics = run_steps(self.pixel_step, state, teacher_variables, self.config.synthesis.g_steps,
+                                   self.batch, on_step)
         state, round_metrics = self.end_round(state)
-        return state, mean_metrics(history) | jax.device_get(round_metrics)
+        return state, metrics | jax.device_get(round_metrics)
 
     def _start_round(self, state: State) -> State:
         rng, pixels_key, targets_key = jax.random.split(state["rng"], 3)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from dfkd_jax import losses, validate
-from dfkd_jax.methods.base import EpochPlan, Method, State, mean_metrics
+from dfkd_jax.methods.base import EpochPlan, Method, State, run_steps
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.layers import batch_moments
 
@@ -58,13 +58,8 @@ class GenerativeAdversarial(Method):
                          synthesis_batch=self.batch)
 
     def synthesize(self, state: State, teacher_variables: dict, epoch: int, on_step=None) -> tuple[State, dict]:
-        history = []
-        for _ in range(self.config.synthesis.g_steps):
-            state, metrics = self.generator_step(state, teacher_variables)
-            history.append(metrics)
-            if on_step:
-                on_step(self.batch, metrics)
-        return state, mean_metrics(history)
+        return run_steps(self.generator_step, state, teacher_variables, self.config.synthesis.g_steps, self.batch,
+                         on_step)
 
     def _noise(self, key: jax.Array, batch: int) -> jax.Array:
         return self.batch_constraint(jax.random.normal(key, (batch, self.config.synthesis.nz)))
