@@ -193,6 +193,46 @@ def cpsc_ikd_student(student_logits: jax.Array, teacher_logits: jax.Array, form:
     return jnp.log(_l2_norm(difference)) if form == "log" else jnp.mean(jnp.square(difference))
 
 
+# ------------------------------------------------------------------------------- attention transfer (CGDD)
+
+def attention_map(stage_bhwc: jax.Array) -> jax.Array:
+    """(B, H·W): q = vec(mean_c A_c²) scaled to unit ℓ2 norm per sample, the spatial attention map of Zagoruyko &
+    Komodakis (p = 2); `F.normalize(x.pow(2).mean(1).view(B, -1))` in their code (norm floored at 1e-12)."""
+    squared = jnp.mean(jnp.square(_f32(stage_bhwc)), axis=-1).reshape(stage_bhwc.shape[0], -1)
+    return squared / jnp.maximum(jnp.linalg.norm(squared, axis=-1, keepdims=True), 1e-12)
+
+
+def _pool_to(stage_bhwc: jax.Array, size: int) -> jax.Array:
+    """Average-pool (B, H, W, C) down to (B, size, size, C) (H a multiple of size): `F.adaptive_avg_pool2d`."""
+    b, h, w, c = stage_bhwc.shape
+    return stage_bhwc.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+
+
+AT_FORMS = ("code", "paper")
+
+
+def attention_transfer(student_stages: Sequence[jax.Array], teacher_stages: Sequence[jax.Array],
+                       form: str = "code") -> jax.Array:
+    """Σ_j d(q_S^j, q_T^j) over paired stage outputs, q = `attention_map`. form "code": d = mean over the batch and
+    the H·W positions of (q_S − q_T)², what `at_loss` in szagoruyko/attention-transfer computes (and what its
+    β = 1000 weighs); "paper": d = mean over the batch of ‖q_S − q_T‖₂, eq. 2 of the paper. Where a pair's spatial
+    sizes differ, the larger map is average-pooled to the smaller (RepDistiller's `Attention`)."""
+    if len(student_stages) != len(teacher_stages):
+        raise ValueError(f"attention transfer pairs stages one to one: the student has {len(student_stages)}, the "
+                         f"teacher {len(teacher_stages)}")
+    total = jnp.zeros((), jnp.float32)
+    for student, teacher in zip(student_stages, teacher_stages):
+        size = min(student.shape[1], teacher.shape[1])
+        difference = attention_map(_pool_to(student, size)) - attention_map(_pool_to(teacher, size))
+        if form == "paper":
+            squared = jnp.sum(jnp.square(difference), axis=-1)
+            # ‖·‖₂ with gradient 0 at 0 (where identical maps would give sqrt's infinite slope times 0 = NaN)
+            total += jnp.mean(jnp.where(squared > 0, jnp.sqrt(jnp.where(squared > 0, squared, 1.0)), 0.0))
+        else:
+            total += jnp.mean(jnp.square(difference))
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------- DAFL
 
 def dafl_activation(features: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ from dfkd_jax.train import train_and_evaluate
 
 from tests.conftest import REPO
 
-METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "cpsc", "toy")
+METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "cpsc", "cgdd", "toy")
 
 
 def config_path(method: str) -> str:
@@ -59,6 +59,7 @@ TINY = {
     # wrn_16_2's 128-wide feature against the teacher's 64: the adapter (a trainable extra) is in the state too.
     "cpsc": dict(synthesis=dict(batch_size=16, ngf=8, nz=16, g_steps=2), student=dict(arch="wrn_16_2"),
                  schedule=dict(epochs=3, cycles=2, kd_steps=2)),
+    "cgdd": dict(synthesis=dict(batch_size=16, ngf=8, nz=16, g_steps=2), schedule=dict(epochs=3, cycles=2, kd_steps=2)),
 }
 
 
@@ -123,7 +124,7 @@ def test_jitted_steps_compile_once_however_long_the_run(method, teacher_dir, tmp
 LOSS_KEYS = ("synthesis/loss", "synthesis/bn", "synthesis/ce", "synthesis/adv", "synthesis/tv", "synthesis/l2",
              "synthesis/activation", "synthesis/balance", "synthesis/best_loss", "kd/loss", "kd/kl", "kd/l1",
              "kd/head_ce", "kd/stage_gap", "kd/cncl", "synthesis/kd", "synthesis/ikd", "synthesis/supcon", "kd/kd",
-             "kd/ikd", "kd/ce")
+             "kd/ikd", "kd/ce", "kd/at")
 # One step per phase, so the first epoch's measurements are single steps from the same initial state.
 ONE_STEP = {
     "nayer": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
@@ -133,6 +134,7 @@ ONE_STEP = {
     "toy": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, kd_steps=1)),
     "cae": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
     "cpsc": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
+    "cgdd": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
 }
 
 
@@ -178,8 +180,9 @@ def _main_command(method: str, teacher_dir: str, workdir: str) -> list[str]:
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-# CAE: a head in the extras, a labelled pool sampled in label pairs; CPSC: an adapter in the extras, no pool
-@pytest.mark.parametrize("method", ["nayer", "cae", "cpsc"])
+# CAE: a head in the extras, a labelled pool sampled in label pairs; CPSC: an adapter in the extras, no pool; CGDD:
+# a conditional generator alternating with the student, labels in the student step
+@pytest.mark.parametrize("method", ["nayer", "cae", "cpsc", "cgdd"])
 def test_a_killed_run_resumes_to_the_same_student(method, teacher_dir, tmp_path):
     uninterrupted = str(tmp_path / "uninterrupted")
     completed = subprocess.run(_main_command(method, teacher_dir, uninterrupted), cwd=REPO, capture_output=True,

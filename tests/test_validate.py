@@ -74,6 +74,12 @@ CASES = [
     ("cpsc", "cpsc.supcon_temperature", 0.0, "a number > 0"),
     ("cpsc", "cpsc.ikd_form", "square", "one of 'log', 'plain'"),
     ("cpsc", "cpsc.ce_on_probabilities", None, "True or False"),
+    ("cgdd", "cgdd.ce_weight", -1.0, "a number >= 0"),
+    ("cgdd", "cgdd.bn_weight", float("inf"), "a number >= 0"),
+    ("cgdd", "cgdd.adv_weight", -1.0, "a number >= 0"),
+    ("cgdd", "cgdd.student_ce_weight", -1.0, "a number >= 0"),
+    ("cgdd", "cgdd.at_weight", -1000.0, "a number >= 0"),
+    ("cgdd", "cgdd.at_form", "l3", "one of 'code', 'paper'"),
     ("nayer", "schedule.epochs", 0, "an integer >= 1"),
     ("nayer", "schedule.warmup", -1, "an integer >= 0"),
     ("nayer", "schedule.kd_steps", -1, "an integer >= 0"),
@@ -126,7 +132,7 @@ def test_batches_must_split_over_the_devices():
 
 
 def test_every_shipped_config_and_preset_passes():
-    for method in ("cae", "nayer", "deepinv", "dafl", "dfad", "cpsc"):
+    for method in ("cae", "nayer", "deepinv", "dafl", "dfad", "cpsc", "cgdd"):
         for preset in ("digits", "cifar10", "cifar10,budget=cpu20", "cifar100", "cifar10,eval=shared"):
             config = load_config(method, preset)
             validate.check(config, 1, methods.config_rules(method))
@@ -136,7 +142,7 @@ def test_every_shipped_config_and_preset_passes():
 
 
 def test_unknown_method_and_presets_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of cae, cpsc, dafl, deepinv"):
+    with pytest.raises(ConfigError, match=r"config.method = 'cmi' is not a method: it must be one of cae, cgdd, cpsc, dafl, deepinv"):
         methods.get("cmi")
     for preset, message in [("bogus", "unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
                             ("cifar10,teacher=nobody", "unknown teacher 'nobody'"),
@@ -173,7 +179,7 @@ def run_main(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/cae_missing.py"], "error: no config file configs/cae_missing.py (run from the repository "
-                                          "root; configs: configs/cae.py, configs/cpsc.py, configs/dafl.py,"),
+                                          "root; configs: configs/cae.py, configs/cgdd.py, configs/cpsc.py,"),
     (["--config=configs/nayer.py:bogus"], "error: unknown preset 'bogus'; datasets: digits, cifar10, cifar100"),
     (["--config=configs/nayer.py", "--config.student.lrr=3"],
      "error: the config has no field 'lrr' (did you mean 'lr'?)"),

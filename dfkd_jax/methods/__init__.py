@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dfkd_jax.methods.base import EpochPlan, Method
 from dfkd_jax.methods.cae import Cae
+from dfkd_jax.methods.cgdd import Cgdd
 from dfkd_jax.methods.cpsc import Cpsc
 from dfkd_jax.methods.deepinversion import DeepInversion
 from dfkd_jax.methods.generative import GenerativeAdversarial
@@ -12,6 +13,7 @@ from dfkd_jax.validate import ConfigError
 
 METHODS: dict[str, type[Method]] = {
     "cae": Cae,
+    "cgdd": Cgdd,
     "cpsc": Cpsc,
     "deepinv": DeepInversion,
     "dafl": GenerativeAdversarial,
