@@ -278,3 +278,15 @@ def total_variation(images_bhwc: jax.Array, norm: str = "l1") -> jax.Array:
 def l2_prior(images_bhwc: jax.Array) -> jax.Array:
     """Frobenius norm of the whole batch: DeepInversion's `torch.norm(inputs, 2)`."""
     return _l2_norm(_f32(images_bhwc))
+
+
+# ---------------------------------------------------------------------------------------------------- MVN
+
+def soft_target_kl(logits: jax.Array, target_probs: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """mean_i KL(y_i ‖ softmax(logits_i/τ)) = mean_i Σ_k y_ik (log y_ik − log softmax(logits_i/τ)_k), no τ²: how far
+    a network's softened prediction is from given soft targets y (MVN's transfer set). 0·log 0 = 0."""
+    y = _f32(target_probs)
+    log_q = jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
+    positive = y > 0
+    log_y = jnp.log(jnp.where(positive, y, 1.0))
+    return jnp.mean(jnp.sum(jnp.where(positive, y * (log_y - log_q), 0.0), axis=-1))

@@ -28,7 +28,7 @@ from dfkd_jax.train import train_and_evaluate
 
 from tests.conftest import REPO
 
-METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "cpsc", "cgdd", "toy")
+METHODS = ("nayer", "deepinv", "dafl", "dfad", "cae", "cpsc", "cgdd", "mvn", "toy")
 
 
 def config_path(method: str) -> str:
@@ -60,6 +60,9 @@ TINY = {
     "cpsc": dict(synthesis=dict(batch_size=16, ngf=8, nz=16, g_steps=2), student=dict(arch="wrn_16_2"),
                  schedule=dict(epochs=3, cycles=2, kd_steps=2)),
     "cgdd": dict(synthesis=dict(batch_size=16, ngf=8, nz=16, g_steps=2), schedule=dict(epochs=3, cycles=2, kd_steps=2)),
+    # one synthesis epoch of two batches (the transfer set), then two distillation epochs
+    "mvn": dict(synthesis=dict(batch_size=16, g_steps=2, transfer_set=32), schedule=dict(epochs=3, synthesis_epochs=1,
+                                                                                       kd_steps=3)),
 }
 
 
@@ -124,7 +127,7 @@ def test_jitted_steps_compile_once_however_long_the_run(method, teacher_dir, tmp
 LOSS_KEYS = ("synthesis/loss", "synthesis/bn", "synthesis/ce", "synthesis/adv", "synthesis/tv", "synthesis/l2",
              "synthesis/activation", "synthesis/balance", "synthesis/best_loss", "kd/loss", "kd/kl", "kd/l1",
              "kd/head_ce", "kd/stage_gap", "kd/cncl", "synthesis/kd", "synthesis/ikd", "synthesis/supcon", "kd/kd",
-             "kd/ikd", "kd/ce", "kd/at")
+             "kd/ikd", "kd/ce", "kd/at", "synthesis/target_kl")
 # One step per phase, so the first epoch's measurements are single steps from the same initial state.
 ONE_STEP = {
     "nayer": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
@@ -135,6 +138,7 @@ ONE_STEP = {
     "cae": dict(synthesis=dict(g_steps=1, g_loops=1, warmup_g_loops=1), schedule=dict(epochs=3, kd_steps=1)),
     "cpsc": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
     "cgdd": dict(synthesis=dict(g_steps=1), schedule=dict(epochs=3, cycles=1, kd_steps=1)),
+    "mvn": dict(synthesis=dict(g_steps=1, transfer_set=16), schedule=dict(epochs=3, synthesis_epochs=1, kd_steps=1)),
 }
 
 
@@ -181,8 +185,9 @@ def _main_command(method: str, teacher_dir: str, workdir: str) -> list[str]:
 
 
 # CAE: a head in the extras, a labelled pool sampled in label pairs; CPSC: an adapter in the extras, no pool; CGDD:
-# a conditional generator alternating with the student, labels in the student step
-@pytest.mark.parametrize("method", ["nayer", "cae", "cpsc", "cgdd"])
+# a conditional generator alternating with the student, labels in the student step; MVN: synthesis-only epochs, then
+# distillation from a transfer set with its soft targets
+@pytest.mark.parametrize("method", ["nayer", "cae", "cpsc", "cgdd", "mvn"])
 def test_a_killed_run_resumes_to_the_same_student(method, teacher_dir, tmp_path):
     uninterrupted = str(tmp_path / "uninterrupted")
     completed = subprocess.run(_main_command(method, teacher_dir, uninterrupted), cwd=REPO, capture_output=True,

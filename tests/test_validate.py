@@ -80,6 +80,13 @@ CASES = [
     ("cgdd", "cgdd.student_ce_weight", -1.0, "a number >= 0"),
     ("cgdd", "cgdd.at_weight", -1000.0, "a number >= 0"),
     ("cgdd", "cgdd.at_form", "l3", "one of 'code', 'paper'"),
+    ("mvn", "mvn.sigma", 0.0, "a number > 0"),
+    ("mvn", "mvn.epsilon", -1e-3, "a number > 0"),
+    ("mvn", "mvn.temperature", 0.0, "a number > 0"),
+    ("mvn", "mvn.activation_weight", -0.1, "a number >= 0"),
+    ("mvn", "mvn.mean", "bn", "one of 'zero'"),
+    ("mvn", "synthesis.transfer_set", 0, "an integer >= 1"),
+    ("mvn", "schedule.synthesis_epochs", 0, "an integer >= 1"),
     ("nayer", "schedule.epochs", 0, "an integer >= 1"),
     ("nayer", "schedule.warmup", -1, "an integer >= 0"),
     ("nayer", "schedule.kd_steps", -1, "an integer >= 0"),
@@ -132,7 +139,7 @@ def test_batches_must_split_over_the_devices():
 
 
 def test_every_shipped_config_and_preset_passes():
-    for method in ("cae", "nayer", "deepinv", "dafl", "dfad", "cpsc", "cgdd"):
+    for method in ("cae", "nayer", "deepinv", "dafl", "dfad", "cpsc", "cgdd", "mvn"):
         for preset in ("digits", "cifar10", "cifar10,budget=cpu20", "cifar100", "cifar10,eval=shared"):
             config = load_config(method, preset)
             validate.check(config, 1, methods.config_rules(method))

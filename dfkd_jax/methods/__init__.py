@@ -8,6 +8,7 @@ from dfkd_jax.methods.cgdd import Cgdd
 from dfkd_jax.methods.cpsc import Cpsc
 from dfkd_jax.methods.deepinversion import DeepInversion
 from dfkd_jax.methods.generative import GenerativeAdversarial
+from dfkd_jax.methods.mvn import Mvn
 from dfkd_jax.methods.nayer import Nayer
 from dfkd_jax.validate import ConfigError
 
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Method]] = {
     "deepinv": DeepInversion,
     "dafl": GenerativeAdversarial,
     "dfad": GenerativeAdversarial,
+    "mvn": Mvn,
     "nayer": Nayer,
 }
 
