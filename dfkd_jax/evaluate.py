@@ -5,7 +5,8 @@
 
 The data is an `.npz` with `x` (uint8, N×H×W×3) and `y`, or a tensorflow-datasets name read with
 `tfds.data_source` (prepare CIFAR from local files with `python -m dfkd_jax.data.build`). Batches are sharded over all
-devices; the last batch is padded and masked, so the result does not depend on the device count. The last line
+devices; the last batch is padded and masked, so the result does not depend on the device count. In a multi-process
+run each process reads its rows of every batch and the counts are summed over all of them. The last line
 printed is JSON: {"top1": <percent>, "n": <images>}.
 """
 
@@ -55,8 +56,8 @@ def evaluate(network: Network, variables: Variables, source: ImageSource, *, bat
     eval_step = make_eval_step(network, mesh)
     rows = parallel.host_local_slice(batch_size)
     correct, all_logits = 0, []
-    for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress,
-                      file=sys.stderr):
+    for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch",
+                      disable=not progress or jax.process_index() != 0, file=sys.stderr):
         # Pad the last batch to the full size (one compiled shape) and mask the padding out of the count.
         indices = np.arange(start, start + batch_size)
         valid = indices < n

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Sharding
@@ -22,7 +23,15 @@ FORMAT_VERSION = 1
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    """This process alone reads or writes: a network directory is written once (by process 0 of a multi-process run,
+    from host copies of replicated variables) and read by each process on its own, with no barrier to wait on."""
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+        variables=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+        network=ocp.JsonCheckpointHandler(multiprocessing_options=alone))
+    return ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
 def save_network(directory: str | os.PathLike, spec: NetworkSpec, variables: Variables,
@@ -35,7 +44,8 @@ def save_network(directory: str | os.PathLike, spec: NetworkSpec, variables: Var
         os.rmdir(path)  # orbax creates the directory itself, atomically
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "dfkd_jax_version": dfkd_jax.__version__,
                 "spec": spec.to_json(), "provenance": provenance or {}}
-    pure = {collection: nnx.to_pure_dict(state) for collection, state in variables.items()}
+    # Host copies: device arrays of one process cannot be written alone in a multi-process run.
+    pure = jax.device_get({collection: nnx.to_pure_dict(state) for collection, state in variables.items()})
     _checkpointer().save(path, args=ocp.args.Composite(variables=ocp.args.StandardSave(pure),
                                                        network=ocp.args.JsonSave(metadata)))
     return path
@@ -68,6 +78,8 @@ def load_network(directory: str | os.PathLike, sharding: Sharding | None = None
                for collection, state in abstract.items()}
     restored = _checkpointer().restore(os.path.abspath(os.fspath(directory)), args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(targets)))["variables"]
+    if sharding is None:  # the same kind of array however the directory was written (host copies are saved)
+        restored = jax.tree_util.tree_map(jnp.asarray, restored)
     for collection, state in abstract.items():
         nnx.replace_by_pure_dict(state, restored[collection])
     return network, abstract, metadata

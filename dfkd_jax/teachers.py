@@ -6,7 +6,8 @@
 - `converted`: a directory written by `python -m dfkd_jax.convert`.
 
 The teacher is made or converted once and stored as a network checkpoint in the workdir; training checkpoints never
-contain it.
+contain it. In a multi-process run process 0 writes it (the digits teacher is trained by all processes together, over
+the global mesh) and every process reads it once it is there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 import ml_collections
 
-from dfkd_jax import convert
+from dfkd_jax import convert, distributed
 from dfkd_jax.data.sources import ImageSource, open_source
 from dfkd_jax.models import Network, NetworkSpec, Variables
 from dfkd_jax.network_io import load_network, save_network
@@ -45,16 +46,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[Netw
     teacher = config.teacher
     check_available(config, workdir)
     teacher_dir = os.path.join(workdir, "teacher")
+    made_earlier = os.path.isdir(teacher_dir)
+    distributed.barrier("teacher: workdir checked")  # every process has looked before process 0 writes
     if teacher.source == "converted":
         teacher_dir = teacher.dir
-    elif os.path.isdir(teacher_dir):
+    elif made_earlier:
         print(f"using the teacher made earlier in {teacher_dir}", file=sys.stderr)
     elif teacher.source == "torch":
         normalisation = (["--mean", ",".join(map(str, teacher.mean)), "--std", ",".join(map(str, teacher.std))]
                          if teacher.get("mean") else ["--normalisation", teacher.normalisation])
-        convert.main(["--torch", teacher.torch_file, "--arch", teacher.arch, "--out", teacher_dir, *normalisation])
+        if distributed.is_main_process():
+            convert.main(["--torch", teacher.torch_file, "--arch", teacher.arch, "--out", teacher_dir,
+                          *normalisation])
     else:
         _train_digits_teacher(config, teacher_dir, mesh)
+    distributed.barrier("teacher: ready")
     network, variables, _ = load_network(teacher_dir)
     if network.spec.arch != teacher.arch:
         raise ValueError(f"{teacher_dir} holds a {network.spec.arch}, but config.teacher.arch is {teacher.arch}; "
@@ -78,6 +84,8 @@ def _train_digits_teacher(config: ml_collections.ConfigDict, teacher_dir: str, m
     print(f"training the embedded teacher: {spec.arch} on {train.description}", file=sys.stderr)
     variables = train_classifier(spec, train, epochs=config.teacher.train_epochs,
                                  batch_size=config.teacher.train_batch_size,
-                                 learning_rate=config.teacher.train_lr, seed=config.seed, mesh=mesh, flip=False)
-    save_network(teacher_dir, spec, variables, {"trained_on": train.description,
-                                                "epochs": config.teacher.train_epochs})
+                                 learning_rate=config.teacher.train_lr, seed=config.seed, mesh=mesh, flip=False,
+                                 progress=distributed.is_main_process())
+    if distributed.is_main_process():
+        save_network(teacher_dir, spec, variables, {"trained_on": train.description,
+                                                    "epochs": config.teacher.train_epochs})

@@ -5,6 +5,11 @@
 
 The method (config.method) decides how synthetic images are made and what the student trains on; the trainer
 never changes when a method is added.
+
+Multi-process runs (dfkd_jax/distributed.py) run this same function on every process over one mesh of all their
+devices: every process takes every step, evaluates its share of the images and writes its shards of each checkpoint;
+process 0 alone writes the files a user reads (config.json, metrics, TensorBoard, image grids, student/, summary).
+SIGTERM stops the run at the end of the epoch it is in, after its checkpoint (`distributed.Preempted`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from dfkd_jax import checkpoints, distill, methods, parallel, reporting, teachers, transfer, validate
+from dfkd_jax import (checkpoints, distill, distributed, methods, parallel, reporting, teachers, transfer,
+                      validate)
 from dfkd_jax.evaluate import evaluate
 from dfkd_jax.methods.base import mean_metrics
 from dfkd_jax.models import Network, NetworkSpec
@@ -42,8 +48,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _accept_workdir(workdir, flat_config)
 
     # ------------------------------------------------------------------------------------------------ workdir
+    distributed.barrier("workdir accepted")  # every process has checked the workdir before process 0 writes to it
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
     print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
@@ -100,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     total_work = sum(plan.cycles * (plan.synthesis_steps * plan.synthesis_batch
                                     + plan.kd_steps * config.student.batch_size) for plan in plans[start_epoch:])
     progress = tqdm(total=total_work, unit="img", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
-                    disable=jax.process_index() != 0 or not config.progress)
+                    disable=not distributed.is_main_process() or not config.progress)
     steps_this_epoch: list[tuple[str, dict]] = []  # every step's measurements, checked for NaN/Inf per epoch
 
     def on_step(images: int, metrics: dict, phase: str = "synthesis") -> None:
@@ -110,6 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.update(images)
 
     result = {}
+    stop = distributed.StopOnSigterm()
+    stop.install()  # from here on SIGTERM means: finish this epoch, checkpoint it, exit 0
     try:
         for epoch in range(start_epoch, config.schedule.epochs):
             plan = plans[epoch]
@@ -157,10 +166,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             progress_record["history"].append({k: v for k, v in scalars.items() if k.startswith("eval/")}
                                               | {"epoch": epoch + 1})
             progress_record["budget"] = budget.as_dict()
-            if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch:
+            checkpointed = (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch
+            if checkpointed:
                 store.save(epoch + 1, state, progress_record)
             result = scalars
+            if not last_epoch and stop.requested():  # all processes agree (one tiny collective per epoch)
+                if not checkpointed:
+                    store.save(epoch + 1, state, progress_record)
+                raise distributed.Preempted(epoch + 1)
     finally:
+        stop.uninstall()
         progress.close()
         store.close()  # waits for a checkpoint still being written, also when the run stops on an error
         writer.close()
@@ -169,13 +184,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not result:  # resumed a finished run: evaluate what is there
         result = _evaluate_student(student, state, eval_source, mesh, teacher_top1)
     student_dir = os.path.join(workdir, "student")
-    if jax.process_index() == 0 and not os.path.isdir(student_dir):
+    if distributed.is_main_process() and not os.path.isdir(student_dir):
         save_network(student_dir, student.spec, jax.device_get(state["student"]),
                      {"method": method.name, "teacher": teacher.spec.arch, "epochs": config.schedule.epochs})
     summary = _summary(config, method, teacher, student, teacher_top1, result, progress_record, budget, mesh,
                        method.kept_images(state)) | {"workdir": os.path.abspath(workdir)}
     summary |= transfer.run_configured(config, student, state["student"], mesh)  # {} unless config.transfer asks
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print("\n" + reporting.table([(k, str(v)) for k, v in summary.items()], f"{method.name} summary"))
@@ -191,7 +206,7 @@ def _first_non_finite(steps: list[tuple[str, dict]]) -> str | None:
     """'student step 12 of 40: kd/kl = nan' for the first step whose measurements are not all finite."""
     if not steps:
         return None
-    values = jax.device_get([metrics for _, metrics in steps])  # one transfer for the whole epoch
+    values = distributed.fetch([metrics for _, metrics in steps])  # one transfer for the whole epoch
     counts: dict[str, int] = {}
     for phase, _ in steps:
         counts[phase] = counts.get(phase, 0) + 1

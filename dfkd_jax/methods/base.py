@@ -116,7 +116,8 @@ class Method:
     preview_columns: int | None = None  # columns of the PNG grid (None: a square grid)
 
     def preview(self, state: State) -> np.ndarray | None:
-        """Images for the PNG grid at each evaluation (the newest synthetic batch)."""
+        """Images for the PNG grid at each evaluation (the newest synthetic batch). Called on every process: read
+        sharded arrays with `distributed.fetch` (a gather across processes), not `jax.device_get`."""
         return None
 
     # ------------------------------------------------------------------------------------------ helpers

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import losses, validate
+from dfkd_jax import distributed, losses, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, grid_by_class, run_steps
 from dfkd_jax.models import Network, NetworkSpec
 from dfkd_jax.models.generators import Generator
@@ -180,5 +180,5 @@ class Cgdd(Method):
         return images, labels
 
     def preview(self, state: State):
-        images, labels = jax.device_get(self._preview_images(state["synth"]["generator"]))
+        images, labels = distributed.fetch(self._preview_images(state["synth"]["generator"]))
         return grid_by_class(images, labels, self.num_classes)

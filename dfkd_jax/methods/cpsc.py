@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import losses, validate
+from dfkd_jax import distributed, losses, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, grid_by_class, run_steps
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.layers import INITS, symmetric_uniform
@@ -225,5 +225,5 @@ class Cpsc(Method):
         return jnp.clip(images * self.std + self.mean, 0, 1), labels
 
     def preview(self, state: State):
-        images, labels = jax.device_get(self._preview_images(state["synth"]["generator"]))
+        images, labels = distributed.fetch(self._preview_images(state["synth"]["generator"]))
         return grid_by_class(images, labels, self.num_classes)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment, losses, pool, validate
+from dfkd_jax import augment, distributed, losses, pool, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, run_steps
 
 
@@ -121,4 +121,4 @@ class DeepInversion(Method):
         return batch, synth | {"pool": synth_pool}
 
     def preview(self, state: State):
-        return jax.device_get(state["synth"]["best_images"])[:100]
+        return distributed.fetch(state["synth"]["best_images"])[:100]

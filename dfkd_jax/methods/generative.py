@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import losses, validate
+from dfkd_jax import distributed, losses, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, run_steps
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.layers import batch_moments
@@ -130,4 +130,4 @@ class GenerativeAdversarial(Method):
 
     def preview(self, state: State):
         z = jax.random.normal(jax.random.PRNGKey(0), (64, self.config.synthesis.nz))
-        return jax.device_get(self._preview_images(state["synth"]["generator"], z))
+        return distributed.fetch(self._preview_images(state["synth"]["generator"], z))

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dfkd_jax import losses, parallel, pool, validate
+from dfkd_jax import distributed, losses, parallel, pool, validate
 from dfkd_jax.methods.base import EpochPlan, Method, State, grid_by_class, run_steps
 from dfkd_jax.models import Network, zoo
 
@@ -253,7 +253,7 @@ class Mvn(Method):
 
     def preview(self, state: State):
         """The newest kept batch, one row per label (argmax of its soft target)."""
-        synth = jax.device_get({"images": state["synth"]["pixels"]["pixels"], "targets": state["synth"]["targets"]})
+        synth = distributed.fetch({"images": state["synth"]["pixels"]["pixels"], "targets": state["synth"]["targets"]})
         return grid_by_class(synth["images"], np.argmax(synth["targets"], axis=-1), self.num_classes)
 
 

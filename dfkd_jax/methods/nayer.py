@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment, losses, pool, validate
+from dfkd_jax import augment, distributed, losses, pool, validate
 from dfkd_jax.methods.base import (EpochPlan, Method, State, class_balanced_targets, grid_by_class, label_embedding,
                                    mean_metrics)
 from dfkd_jax.models.generators import Generator, reinit_noisy_layer
@@ -234,6 +234,6 @@ class Nayer(Method):
     preview_columns = 10  # the grid: one row per class, up to 10 of the newest round's images each
 
     def preview(self, state: State):
-        round_state = jax.device_get(state["synth"]["round"])
+        round_state = distributed.fetch(state["synth"]["round"])  # sharded over every process's devices
         return grid_by_class(round_state["best_images"], round_state["targets"], self.num_classes,
                              self.preview_columns)
