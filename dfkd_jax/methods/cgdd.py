@@ -67,8 +67,6 @@ class Cgdd(Method):
             "conditional_dcgan", 0, num_classes=self.num_classes, nz=synthesis.nz, ngf=synthesis.ngf,
             image_size=self.image_shape[0], channels=self.image_shape[2])
         self.optimizer = optax.adam(synthesis.lr, b1=synthesis.betas[0], b2=synthesis.betas[1])
-        self.mean = jnp.asarray(teacher.spec.mean, jnp.float32)
-        self.std = jnp.asarray(teacher.spec.std, jnp.float32)
         if self.weights.at_weight:
             check_stages_pair(teacher.spec, student.spec, self.image_shape)
         self.generator_step = jax.jit(self._generator_step, donate_argnums=0)
