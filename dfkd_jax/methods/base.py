@@ -133,6 +133,14 @@ class Method:
     def batch_constraint(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
 
+    def draw_noise_and_labels(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+        """For a class-conditional generator: z ~ N(0, I) (B, config.synthesis.nz) and labels uniform over the
+        classes (B,) (CPSC's upstream `torch.randint`; CGDD's preset labels), both sharded on the batch."""
+        z_key, label_key = jax.random.split(key)
+        z = jax.random.normal(z_key, (batch, self.config.synthesis.nz))
+        labels = jax.random.randint(label_key, (batch,), 0, self.num_classes, jnp.int32)
+        return self.batch_constraint(z), self.batch_constraint(labels)
+
     def pool_capacity(self, kept_batches: int, batch: int) -> int:
         """Room for every batch the schedule keeps unless config.pool.capacity caps it (then the oldest are
         overwritten), rounded up to a multiple of the device count."""

@@ -92,13 +92,6 @@ class Cgdd(Method):
                          synthesis_steps=self.config.synthesis.g_steps, synthesis_batch=self.batch)
 
     # ------------------------------------------------------------------------------------------- generation
-    def draw(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-        """z ~ N(0, I) (B, nz) and preset labels uniform over the classes (B,)."""
-        z_key, label_key = jax.random.split(key)
-        z = jax.random.normal(z_key, (batch, self.config.synthesis.nz))
-        labels = jax.random.randint(label_key, (batch,), 0, self.num_classes, jnp.int32)
-        return self.batch_constraint(z), self.batch_constraint(labels)
-
     def generate(self, variables: dict, z: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
         """Images in [0, 1] (the generator's sigmoid output) and the generator's new batch statistics."""
         images, batch_stats = self.generator.apply(variables, z, labels, train=True)
@@ -149,7 +142,7 @@ class Cgdd(Method):
 
     def _generator_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
         rng, draw_key = jax.random.split(state["rng"])
-        z, labels = self.draw(draw_key, self.batch)
+        z, labels = self.draw_noise_and_labels(draw_key, self.batch)
         synth = state["synth"]
         generator, generator_opt, student_stats, loss, terms = self.generator_update(
             synth["generator"], synth["generator_opt"], state["student"], teacher_variables, z, labels)
@@ -165,7 +158,7 @@ class Cgdd(Method):
     def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
         """Fresh samples with the labels they were generated for (the generator in train mode; its running
         statistics are left as the generator steps moved them, as for DAFL/DFAD)."""
-        z, labels = self.draw(key, self.config.student.batch_size)
+        z, labels = self.draw_noise_and_labels(key, self.config.student.batch_size)
         images, _ = self.generate(synth["generator"], z, labels)
         return {"images": jax.lax.stop_gradient(images), "labels": labels}, synth
 

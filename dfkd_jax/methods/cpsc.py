@@ -113,13 +113,6 @@ class Cpsc(Method):
         return optax.set_to_zero()  # upstream never trains the adapter (see the module docstring)
 
     # ------------------------------------------------------------------------------------------- generation
-    def draw(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-        """z ~ N(0, I) (B, nz) and labels uniform over the classes (B,), as upstream's `torch.randint`."""
-        z_key, label_key = jax.random.split(key)
-        z = jax.random.normal(z_key, (batch, self.config.synthesis.nz))
-        labels = jax.random.randint(label_key, (batch,), 0, self.num_classes, jnp.int32)
-        return self.batch_constraint(z), self.batch_constraint(labels)
-
     def generate(self, variables: dict, z: jax.Array, labels: jax.Array, train: bool = True):
         """Images for the networks, in [0, 1] space, and the generator's new batch statistics. The generator's output
         is the networks' normalised input; they normalise what they are given, so it is handed over as
@@ -192,7 +185,7 @@ class Cpsc(Method):
 
     def _generator_step(self, state: State, teacher_variables: dict) -> tuple[State, dict]:
         rng, draw_key = jax.random.split(state["rng"])
-        z, labels = self.draw(draw_key, self.batch)
+        z, labels = self.draw_noise_and_labels(draw_key, self.batch)
         synth = state["synth"]
         learning_rate = generator_learning_rate(self.config.synthesis, state["epoch"])
         generator, generator_opt, student_stats, loss, terms, _ = self.generator_update(
@@ -210,7 +203,7 @@ class Cpsc(Method):
     def student_batch(self, synth: dict, key: jax.Array) -> tuple[dict, dict]:
         """Fresh samples of the generator in train mode (its running statistics move, as upstream's do), with the
         labels they were made for."""
-        z, labels = self.draw(key, self.config.student.batch_size)
+        z, labels = self.draw_noise_and_labels(key, self.config.student.batch_size)
         images, generator_stats = self.generate(synth["generator"], z, labels)
         synth = synth | {"generator": synth["generator"] | {"batch_stats": generator_stats}}
         return {"images": jax.lax.stop_gradient(images), "labels": labels}, synth
